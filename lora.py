@@ -1,0 +1,79 @@
+"""Low-rank adaptation (Hu et al., 2021) of a linear layer.
+
+y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W and b frozen and only A (r x in) and
+B (out x r) trained. B starts at zero, so a fresh LoRA layer computes exactly its base layer.
+In eval mode the update is merged into W, so inference costs one matmul, as without LoRA.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALinear(nn.Linear):
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
+                 lora_rank=0, lora_alpha=0.0, lora_dropout=0.0):
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        # nn.Linear.__init__ calls reset_parameters() before the LoRA matrices exist
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.has_weights_merged = False
+        if lora_rank > 0:
+            self.lora_dropout = nn.Dropout(lora_dropout)
+            self.lora_scaling = lora_alpha / lora_rank
+            self.lora_A = nn.Parameter(
+                torch.empty(lora_rank, in_features, device=device, dtype=dtype), requires_grad=False)
+            self.lora_B = nn.Parameter(
+                torch.empty(out_features, lora_rank, device=device, dtype=dtype), requires_grad=False)
+            self.reset_parameters()
+
+    def is_lora(self):
+        return hasattr(self, "lora_A")
+
+    def reset_parameters(self):
+        nn.Linear.reset_parameters(self)
+        if self.is_lora():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        if self.is_lora() and not self.has_weights_merged:
+            # (x A^T) B^T keeps the intermediate at rank r; B A is never formed
+            out = out + self.lora_scaling * (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T)
+        return out
+
+    @torch.no_grad()
+    def _add_update_to_weight(self, sign):
+        update = (self.lora_B.float() @ self.lora_A.float()) * (sign * self.lora_scaling)
+        self.weight.copy_((self.weight.float() + update).to(self.weight.dtype))
+
+    def train(self, mode=True):
+        """mode=True de-merges the LoRA update from the weight, mode=False merges it."""
+        super().train(mode)
+        if self.is_lora() and mode == self.has_weights_merged:
+            self._add_update_to_weight(-1.0 if mode else 1.0)
+            self.has_weights_merged = not mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def extra_repr(self):
+        text = super().extra_repr()
+        if self.is_lora():
+            rank = self.lora_A.shape[0]
+            text += (f", lora_rank={rank}, lora_alpha={self.lora_scaling * rank:g}, "
+                     f"lora_scaling={self.lora_scaling:g}, lora_dropout={self.lora_dropout.p:g}")
+        return text
+
+
+def mark_only_lora_as_trainable(model):
+    """Freeze every parameter of model except the LoRA matrices; returns model."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+    return model

@@ -1,0 +1,282 @@
+"""GPT-2 written from scratch (nanoGPT-style), with LoRA on the query, key and value projections.
+
+Loads Hugging Face GPT-2 checkpoints (hub names or local directories) and computes the same
+logits. Generation comes in two forms: `generate`, nanoGPT's one-sequence loop, and
+`generate_batch`, left-padded batches with a KV cache for fast evaluation.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora import LoRALinear
+
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens processed so far."""
+
+    def __init__(self, n_layer):
+        self.layers = [None] * n_layer
+
+    def __len__(self):
+        return 0 if self.layers[0] is None else self.layers[0][0].size(2)
+
+    def extend(self, layer, k, v):
+        if self.layers[layer] is not None:
+            k = torch.cat([self.layers[layer][0], k], dim=2)
+            v = torch.cat([self.layers[layer][1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        lora = dict(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                    lora_dropout=config.lora_dropout)
+        self.q_attn = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
+        self.k_attn = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
+        self.v_attn = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for proj in (self.q_attn, self.k_attn, self.v_attn))
+        if kv_cache is not None:
+            k, v = kv_cache.extend(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+                torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_states(self, idx, key_mask=None, kv_cache=None):
+        """Final-layer-norm output (B, T, n_embd) for tokens idx (B, T).
+
+        key_mask (B, past + T), True at real tokens, allows left padding: positions count only
+        real tokens and nobody attends to padding. kv_cache holds the past and is extended.
+        """
+        B, T = idx.size()
+        past = len(kv_cache) if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        if key_mask is None:
+            pos = torch.arange(past, past + T, device=idx.device).expand(B, T)
+            attn_mask = None if past == 0 or T == 1 else self._causal_mask(
+                torch.ones(B, past + T, dtype=torch.bool, device=idx.device), T)
+        else:
+            pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]
+            attn_mask = self._causal_mask(key_mask, T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, kv_cache, layer)
+        return self.transformer.ln_f(x)
+
+    @staticmethod
+    def _causal_mask(key_mask, T):
+        """(B, 1, T, past + T) boolean mask: causal, padding hidden, and each query sees itself
+        (so a padding query never has an empty softmax row; its output is never used)."""
+        total = key_mask.size(1)
+        causal = torch.ones(T, total, dtype=torch.bool, device=key_mask.device).tril(total - T)
+        mask = causal & key_mask[:, None, None, :]
+        mask[..., torch.arange(T), torch.arange(total - T, total)] = True
+        return mask
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        """With targets: (logits at target positions, loss); without: (logits of the last
+        position (B, 1, vocab), None), as in nanoGPT."""
+        x = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        keep = targets != IGNORE_INDEX  # the vocabulary projection is paid only where a target is
+        logits = self.lm_head(x[keep])
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+        return logits, loss
+
+    @staticmethod
+    def _pick_next(logits, temperature, top_k):
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        return torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """nanoGPT's loop: append max_new_tokens tokens to idx (B, T); temperature=0 is greedy."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            idx = torch.cat((idx, self._pick_next(logits[:, -1, :], temperature, top_k)), dim=1)
+        return idx
+
+    @torch.no_grad()
+    def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=()):
+        """Continue each token list in prompts; returns one list of new tokens per prompt.
+
+        Prompts are left-padded into one batch and decoded with a KV cache. A row stops after a
+        token in stop_tokens (which is kept); the loop ends once every row has stopped.
+        """
+        device = self.lm_head.weight.device
+        T = max(len(p) for p in prompts)
+        idx = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
+        key_mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
+        for row, p in enumerate(prompts):
+            idx[row, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            key_mask[row, T - len(p):] = True
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        kv_cache = KVCache(self.config.n_layer)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            x = self.hidden_states(idx, key_mask, kv_cache)
+            idx = self._pick_next(self.lm_head(x[:, -1, :]), temperature, top_k)
+            new_tokens.append(torch.where(done[:, None], -1, idx))
+            done |= torch.isin(idx[:, 0], stop)
+            if done.all():
+                break
+            key_mask = torch.cat([key_mask, torch.ones_like(idx, dtype=torch.bool)], dim=1)
+        rows = torch.cat(new_tokens, dim=1).tolist()
+        return [[t for t in row if t != -1] for row in rows]
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """GPT-2 weights from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, any GPT-2 hub
+        id) or a local Hugging Face GPT-2 directory. override_args may set dropout and lora_*."""
+        from transformers import GPT2LMHeadModel  # only this path needs transformers
+
+        override_args = dict(override_args or {})
+        allowed = {"dropout", "lora_rank", "lora_alpha", "lora_dropout"}
+        if not set(override_args) <= allowed:
+            raise ValueError(f"from_pretrained can override only {sorted(allowed)}, "
+                             f"got {sorted(set(override_args) - allowed)}")
+        if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise ValueError(f"{name_or_path} holds no config.json: expected a Hugging Face GPT-2 "
+                             "checkpoint directory (config.json and model weights)")
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load GPT-2 weights from {name_or_path!r}: expected gpt2, "
+                             "gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a local Hugging "
+                             f"Face GPT-2 directory ({str(e).splitlines()[0]})") from None
+        c = hf.config
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd, bias=True, **override_args)
+        model = cls(config)
+        model.load_hf_state_dict(hf.state_dict())
+        return model
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, hf_sd):
+        """Copy a Hugging Face GPT2LMHeadModel state dict: Conv1D weights are stored (in, out),
+        so they are transposed, and the fused c_attn is split into q, k and v."""
+        sd = self.state_dict()
+        C = self.config.n_embd
+        loaded = set()
+        for key, value in hf_sd.items():
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                continue  # causal-mask buffers of old checkpoints; lm_head is tied to wte
+            if ".c_attn." in key:
+                prefix, kind = key.rsplit(".c_attn.", 1)
+                parts = value.t().split(C, dim=0) if kind == "weight" else value.split(C, dim=0)
+                for proj, part in zip(("q_attn", "k_attn", "v_attn"), parts):
+                    sd[f"{prefix}.{proj}.{kind}"].copy_(part)
+                    loaded.add(f"{prefix}.{proj}.{kind}")
+            else:
+                sd[key].copy_(value.t() if key.endswith(("c_fc.weight", "c_proj.weight")) else value)
+                loaded.add(key)
+        missing = {k for k in sd if k not in loaded and "lora_" not in k and k != "lm_head.weight"}
+        if missing:
+            raise ValueError(f"GPT-2 checkpoint lacks {sorted(missing)[:3]} ({len(missing)} tensors)")
+
+def count_parameters(model):
+    """(trainable, total) parameter counts; tied weights count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def describe_parameters(model):
+    trainable, total = count_parameters(model)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"

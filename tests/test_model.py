@@ -1,0 +1,133 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from conftest import ROOT, save_random_hf_gpt2
+from lora import LoRALinear, mark_only_lora_as_trainable
+from model import GPT, GPTConfig, count_parameters, describe_parameters
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear) and m.is_lora()]
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_logits_match_hugging_face(hf_gpt2_dir, rank):
+    hf = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
+    model = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=rank, lora_alpha=16.0)).eval()
+    assert len(lora_layers(model)) == (6 if rank else 0)
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.lm_head(model.hidden_states(idx))
+        theirs = hf(idx).logits
+        last, _ = model(idx)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(last, theirs[:, [-1]], rtol=0, atol=1e-5)
+
+
+def test_greedy_generation_matches_hugging_face(hf_gpt2_dir):
+    hf = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
+    model = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=16.0)).eval()
+    idx = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(1))
+    ours = model.generate(idx, 10, temperature=0)
+    theirs = hf.generate(idx, max_new_tokens=10, do_sample=False, pad_token_id=50256)
+    assert torch.equal(ours, theirs)
+
+
+def test_other_size_loads_its_own_config(tmp_path):
+    hf = save_random_hf_gpt2(tmp_path, n_layer=3, n_head=4, n_embd=96, n_positions=128, seed=5)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    c = model.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (3, 4, 96, 128, 50257)
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(model.hidden_states(idx)), hf(idx).logits, rtol=0, atol=1e-5)
+
+
+def test_lora_model_with_trained_B_merges_and_demerges(hf_gpt2_dir):
+    model = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=16.0))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, 50257, (2, 10))
+    with torch.no_grad():
+        before = model.lm_head(model.hidden_states(idx))
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.02)
+    model.train()
+    with torch.no_grad():
+        unmerged = model.lm_head(model.hidden_states(idx))
+    model.eval()
+    assert all(layer.has_weights_merged for layer in lora_layers(model))
+    with torch.no_grad():
+        merged = model.lm_head(model.hidden_states(idx))
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-4)
+    assert (merged - before).abs().max() > 1e-3  # the update really changes the output
+    model.train()
+    assert not any(layer.has_weights_merged for layer in lora_layers(model))
+    for name, param in model.named_parameters():
+        if "lora_B" not in name:
+            torch.testing.assert_close(param, base[name], rtol=0, atol=1e-6)
+
+
+def test_only_lora_gets_gradients_in_a_gpt(hf_gpt2_dir):
+    model = mark_only_lora_as_trainable(GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=4, lora_alpha=8.0)))
+    idx = torch.randint(0, 50257, (2, 10))
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    assert len(with_grad) == 2 * 3 * 2
+
+
+def test_gpt2_medium_lora_parameter_count(capsys):
+    config = GPTConfig(n_layer=24, n_head=16, n_embd=1024, lora_rank=128, lora_alpha=512.0)
+    with torch.device("meta"):
+        model = mark_only_lora_as_trainable(GPT(config))
+    trainable, total = count_parameters(model)
+    assert trainable == 24 * 3 * 128 * (1024 + 1024) == 18_874_368
+    assert total == 354_823_168 + 18_874_368  # gpt2-medium (tied lm_head counted once) + LoRA
+    assert describe_parameters(model) == "trainable parameters: 18,874,368 of 373,697,536 (5.05%)"
+
+
+def test_loss_ignores_masked_targets():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, 50, (2, 8))
+    targets = torch.randint(0, 50, (2, 8))
+    targets[:, :5] = -100
+    logits, loss = model(idx, targets)
+    full = model.lm_head(model.hidden_states(idx))
+    expected = torch.nn.functional.cross_entropy(full.view(-1, 50), targets.view(-1), ignore_index=-100)
+    assert logits.shape == (6, 50)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_sampling_is_seeded_and_top_k_limits_choices():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    torch.manual_seed(7)
+    first = model.generate(idx, 20, temperature=1.0, top_k=1)
+    assert torch.equal(first, model.generate(idx, 20, temperature=0))  # top_k=1 is greedy
+    torch.manual_seed(7)
+    a = model.generate(idx, 20, temperature=1.5)
+    torch.manual_seed(7)
+    assert torch.equal(a, model.generate(idx, 20, temperature=1.5))
+
+
+def test_unknown_name_and_empty_directory_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="holds no config.json: expected a Hugging Face GPT-2"):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="cannot load GPT-2 weights from 'no-such-model-xyz': expected gpt2, gpt2-medium"):
+        GPT.from_pretrained("no-such-model-xyz")
+    with pytest.raises(ValueError, match=r"can override only"):
+        GPT.from_pretrained(str(tmp_path), dict(n_layer=3))
+
+
+def test_importing_model_pulls_no_datasets_or_wandb():
+    code = "import sys, model; print(sorted({'datasets', 'wandb', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
