@@ -4,9 +4,11 @@ Loads Hugging Face GPT-2 checkpoints (hub names or local directories) and comput
 logits. Generation comes in two forms: `generate`, nanoGPT's one-sequence loop, and
 `generate_batch`, left-padded batches with a KV cache for fast evaluation.
 """
+import contextlib
 import math
 import os
-from dataclasses import dataclass
+import pickle
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from lora import LoRALinear
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss
+CHECKPOINT_VERSION = 1
 
 
 @dataclass
@@ -192,6 +195,22 @@ class GPT(nn.Module):
             idx = torch.cat((idx, self._pick_next(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 
+    def _left_pad(self, prompts):
+        T = max(len(p) for p in prompts)
+        idx = torch.zeros(len(prompts), T, dtype=torch.long)
+        key_mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+        for row, p in enumerate(prompts):
+            idx[row, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            key_mask[row, T - len(p):] = True
+        device = self.lm_head.weight.device
+        return idx.to(device), key_mask.to(device)
+
+    @torch.no_grad()
+    def last_logits_batch(self, prompts):
+        """Next-token logits (B, vocab) after each token list in prompts, in one forward pass."""
+        idx, key_mask = self._left_pad(prompts)
+        return self.lm_head(self.hidden_states(idx, key_mask)[:, -1, :])
+
     @torch.no_grad()
     def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=()):
         """Continue each token list in prompts; returns one list of new tokens per prompt.
@@ -199,13 +218,8 @@ class GPT(nn.Module):
         Prompts are left-padded into one batch and decoded with a KV cache. A row stops after a
         token in stop_tokens (which is kept); the loop ends once every row has stopped.
         """
-        device = self.lm_head.weight.device
-        T = max(len(p) for p in prompts)
-        idx = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
-        key_mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
-        for row, p in enumerate(prompts):
-            idx[row, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            key_mask[row, T - len(p):] = True
+        idx, key_mask = self._left_pad(prompts)
+        device = idx.device
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         kv_cache = KVCache(self.config.n_layer)
@@ -248,6 +262,13 @@ class GPT(nn.Module):
         model.load_hf_state_dict(hf.state_dict())
         return model
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        """The model saved in a checkpoint dict (see save_checkpoint)."""
+        model = cls(GPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"])
+        return model
+
     @torch.no_grad()
     def load_hf_state_dict(self, hf_sd):
         """Copy a Hugging Face GPT2LMHeadModel state dict: Conv1D weights are stored (in, out),
@@ -280,3 +301,53 @@ def count_parameters(model):
 def describe_parameters(model):
     trainable, total = count_parameters(model)
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message says why."""
+
+
+def atomic_write(path, write):
+    """Write path through a temporary file in the same directory, then rename it into place:
+    a kill or a failed write leaves the previous file intact, never a torn one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path, model, trainable_only=False, **extra):
+    """Save model (never with merged LoRA weights; with trainable_only, just the parameters
+    that train) with its model_args and the extra entries."""
+    if any(getattr(m, "has_weights_merged", False) for m in model.modules()):
+        raise RuntimeError("refusing to save merged LoRA weights; call model.train() first")
+    state = ({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+             if trainable_only else model.state_dict())
+    checkpoint = dict(version=CHECKPOINT_VERSION, model=state, model_args=asdict(model.config), **extra)
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint with weights_only=True: tensors and plain data, never pickled code."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} needs pickled code to load; refused (only tensors and "
+                              "plain data are loaded, for safety)") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint of this project")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('version')!r}; "
+                              f"this code reads format {CHECKPOINT_VERSION}")
+    return checkpoint

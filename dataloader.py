@@ -1,0 +1,178 @@
+"""Rotten Tomatoes as instruction-tuning data: prompts, tokens and padded batches.
+
+Each review becomes `<prompt> positive<|endoftext|>` or `<prompt> negative<|endoftext|>`, where the
+prompt ends with `Label:`. By default the loss covers only the answer tokens.
+"""
+import json
+import os
+from functools import lru_cache
+
+import torch
+
+from model import IGNORE_INDEX
+
+PROMPT_TEMPLATES = {
+    "default": ("Instruction: Classify the sentiment of the movie review as positive or negative.\n"
+                "Text: {text}\nLabel:"),
+    "question": "Movie review: {text}\nQuestion: Did the reviewer like the movie, positive or negative?\nAnswer:",
+}
+LABEL_WORDS = {1: " positive", 0: " negative"}  # the leading space: GPT-2 sees "Label:" then " positive"
+SPLITS = ("train", "validation", "test")
+HUB_NAMES = {"rotten_tomatoes": "cornell-movie-review-data/rotten_tomatoes"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the split and where."""
+
+
+@lru_cache(maxsize=None)
+def get_tokenizer():
+    import tiktoken
+    return tiktoken.get_encoding("gpt2")
+
+
+def get_sentiment_prompt(text, label=None, template="default"):
+    """The instruction prompt for a review; with a label (0/1), the answer word follows."""
+    prompt = PROMPT_TEMPLATES[template].format(text=text)
+    return prompt if label is None else prompt + LABEL_WORDS[label]
+
+
+def encode_prompt(text, template="default", max_tokens=None):
+    """Token ids of the prompt for text, the review cut short (never the template) to fit
+    max_tokens. Returns (ids, truncated)."""
+    enc = get_tokenizer()
+    ids = enc.encode_ordinary(get_sentiment_prompt(text, template=template))
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids, False
+    text_ids = enc.encode_ordinary(text)
+    while len(ids) > max_tokens and text_ids:
+        text_ids = text_ids[:max(0, len(text_ids) - (len(ids) - max_tokens))]
+        ids = enc.encode_ordinary(get_sentiment_prompt(enc.decode(text_ids), template=template))
+    if len(ids) > max_tokens:
+        raise DataError(f"the '{template}' template alone is longer than {max_tokens} tokens")
+    return ids, True
+
+
+def answer_tokens(label):
+    enc = get_tokenizer()
+    return enc.encode_ordinary(LABEL_WORDS[label]) + [enc.eot_token]
+
+
+def _check_record(rec, where):
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object with 'text' and 'label'")
+    if not isinstance(rec.get("text"), str) or not rec["text"].strip():
+        raise DataError(f"{where}: 'text' is missing or empty")
+    if rec.get("label") not in (0, 1) or isinstance(rec.get("label"), bool):
+        raise DataError(f"{where}: 'label' must be 0 or 1, got {rec.get('label')!r}")
+    return {"text": rec["text"], "label": rec["label"]}
+
+
+def _read_jsonl(path, split):
+    if not os.path.isfile(path):
+        raise DataError(f"{split} split: {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{split} split: {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{split} split: {path}:{n}: malformed JSON ({e.msg})") from None
+        records.append(_check_record(rec, f"{split} split: {path}:{n}"))
+    if not records:
+        raise DataError(f"{split} split: {path} holds no examples")
+    return records
+
+
+def load_rotten_tomatoes(dataset="rotten_tomatoes"):
+    """{split: [{"text", "label"}, ...]} from a local directory of train/validation/test.jsonl,
+    or from the Hugging Face hub through `datasets`."""
+    if os.path.isdir(dataset):
+        return {s: _read_jsonl(os.path.join(dataset, f"{s}.jsonl"), s) for s in SPLITS}
+    looks_local = dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1 or (
+        "/" in dataset and os.path.isdir(dataset.split("/")[0]))
+    if looks_local:
+        raise DataError(f"dataset directory {dataset} does not exist")
+    try:
+        from datasets import load_dataset  # only the hub path needs it
+        hub = load_dataset(HUB_NAMES.get(dataset, dataset))
+    except Exception as e:
+        raise DataError(f"cannot load dataset {dataset!r} from the hub ({str(e).splitlines()[0]}); "
+                        "a local directory with train/validation/test.jsonl also works") from None
+    splits = {}
+    for s in SPLITS:
+        if s not in hub or len(hub[s]) == 0:
+            raise DataError(f"{s} split: missing or empty in hub dataset {dataset}")
+        splits[s] = [_check_record(rec, f"{s} split: {dataset} row {n}") for n, rec in enumerate(hub[s])]
+    return splits
+
+
+class CustomDataLoader:
+    """Tokenized splits and padded (x, y) batches.
+
+    Training order is an endless stream of per-epoch permutations drawn from seed, so the
+    examples of any step follow from the step number alone (which makes resuming exact).
+    """
+
+    def __init__(self, dataset="rotten_tomatoes", block_size=1024, prompt_template="default",
+                 mask_prompt=True, seed=1337):
+        self.template, self.mask_prompt, self.seed = prompt_template, mask_prompt, seed
+        self.records = load_rotten_tomatoes(dataset)
+        self.examples, self.truncated = {}, 0
+        for split, records in self.records.items():
+            self.examples[split] = [self._tokenize(self._add_instruction_finetuning(dict(r)), block_size)
+                                    for r in records]
+
+    def _add_instruction_finetuning(self, rec):
+        rec["instr_tuned_text"] = get_sentiment_prompt(rec["text"], rec["label"], self.template)
+        return rec
+
+    def _tokenize(self, rec, block_size):
+        answer = answer_tokens(rec["label"])
+        # x is ids[:-1], so prompt + answer may be one token longer than the context
+        prompt, truncated = encode_prompt(rec["text"], self.template, block_size + 1 - len(answer))
+        self.truncated += truncated
+        return prompt + answer, len(prompt)
+
+    def _permutation(self, epoch):
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.examples["train"]), generator=generator).tolist()
+
+    def train_examples(self, start, count):
+        """Training examples start .. start+count-1 of the shuffled stream."""
+        n = len(self.examples["train"])
+        out, epoch, perm = [], None, None
+        for i in range(start, start + count):
+            if i // n != epoch:
+                epoch = i // n
+                perm = self._permutation(epoch)
+            out.append(self.examples["train"][perm[i % n]])
+        return out
+
+    def collate(self, examples):
+        """Right-padded inputs and shifted targets; padding (and, with mask_prompt, the
+        prompt) carries IGNORE_INDEX in the targets."""
+        T = max(len(ids) for ids, _ in examples) - 1
+        x = torch.full((len(examples), T), get_tokenizer().eot_token, dtype=torch.long)
+        y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, n_prompt) in enumerate(examples):
+            ids = torch.tensor(ids, dtype=torch.long)
+            x[row, :len(ids) - 1] = ids[:-1]
+            y[row, :len(ids) - 1] = ids[1:]
+            if self.mask_prompt:
+                y[row, :n_prompt - 1] = IGNORE_INDEX
+        return x, y
+
+    def batches(self, split, batch_size, max_batches=0):
+        """(x, y) batches over a whole split in order (max_batches > 0 stops early)."""
+        examples = self.examples[split]
+        for b, start in enumerate(range(0, len(examples), batch_size)):
+            if max_batches and b >= max_batches:
+                return
+            yield self.collate(examples[start:start + batch_size])

@@ -1,0 +1,218 @@
+"""Test accuracy of a fine-tuned checkpoint, or zero-shot accuracy of a raw GPT-2.
+
+    python generate.py out_dir=runs/r16_a64            # Best Val and Last Iter checkpoints
+    python generate.py init_from=gpt2-medium           # zero-shot
+    python generate.py method=both                     # also the log-probability method
+
+method=generate follows the handout: generate a few tokens after the prompt and read the label
+off their start (anything else counts as wrong). method=logprob compares the probabilities of
+" positive" and " negative" after the prompt, so it always answers.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+from configurator import UsageError, autocast, fail, parse_flags, resolve_device, resolve_dtype
+from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, encode_prompt, get_tokenizer,
+                        load_rotten_tomatoes)
+from model import GPT, CheckpointError, atomic_write, load_checkpoint
+
+FLAGS = {
+    "init_from": ("resume", "'resume': the checkpoints in out_dir; or gpt2, gpt2-medium, ..., a hub id or a local Hugging Face GPT-2 directory (zero-shot)"),
+    "out_dir": ("out", "where the checkpoints are; results.json and predictions.json go here"),
+    "ckpt": ("both", "init_from=resume: best (ckpt.pt), last (ckpt_last.pt) or both"),
+    "dataset": ("", "hub name or local directory with train/validation/test.jsonl; default: the checkpoint's, else rotten_tomatoes"),
+    "split": ("test", "test or validation"),
+    "num_examples": (0, "evaluate the first N examples of the split; 0 = all"),
+    "prompt_template": ("", f"one of {', '.join(PROMPT_TEMPLATES)}; default: the checkpoint's, else default"),
+    "method": ("generate", "generate (parse generated text), logprob (compare label probabilities) or both"),
+    "max_new_tokens": (5, "tokens generated per review"),
+    "temperature": (0.0, "0 = greedy (the default: accuracy must not depend on luck)"),
+    "top_k": (0, "with temperature > 0, sample from the k most likely tokens; 0 = all"),
+    "seed": (1337, "random seed for sampling"),
+    "batch_size": (64, "reviews per batch"),
+    "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
+    "dtype": ("auto", "auto, float32, bfloat16 or float16"),
+    "debug": (False, "show full tracebacks"),
+}
+CHECKPOINTS = {"best": ("Best Val Checkpoint", "ckpt.pt"), "last": ("Last Iter Checkpoint", "ckpt_last.pt")}
+METHODS = ("generate", "logprob")
+
+
+def parse_label(continuation):
+    """1 for positive, 0 for negative, -1 for anything else.
+
+    The rule: skip leading white space (newlines included), take the first word (a run of
+    letters), compare it case-insensitively with "positive" and "negative". So " Positive!" is
+    1 and " negative." is 0, while " positively", " not positive" and "" are -1; only the first
+    word counts, so " negative positive" is 0.
+    """
+    text = continuation.lstrip()
+    end = 0
+    while end < len(text) and text[end].isalpha():
+        end += 1
+    return {"positive": 1, "negative": 0}.get(text[:end].lower(), -1)
+
+
+def _prompts(records, template, max_tokens):
+    return [encode_prompt(r["text"], template, max_tokens)[0] for r in records]
+
+
+def _length_sorted_batches(prompts, batch_size):
+    """Indices in batches of similar prompt length, so little padding is computed."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _progress(batches, desc):
+    from tqdm.auto import tqdm
+    return tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stderr)
+
+
+@torch.no_grad()
+def predict_labels(model, records, template="default", method="generate", max_new_tokens=5,
+                   temperature=0.0, top_k=0, batch_size=64, device="cpu", dtype="float32"):
+    """One record per review: text, label, continuation and prediction (1, 0 or -1)."""
+    model.eval()  # merges LoRA into the weights
+    enc = get_tokenizer()
+    room = model.config.block_size - (max_new_tokens if method == "generate" else 0)
+    prompts = _prompts(records, template, room)
+    label_ids = {label: enc.encode_ordinary(word)[0] for label, word in LABEL_WORDS.items()}
+    stop = (enc.eot_token, *enc.encode_ordinary("\n"), *enc.encode_ordinary("\n\n"))
+    continuations, predictions = [None] * len(records), [None] * len(records)
+    for batch in _progress(_length_sorted_batches(prompts, batch_size), f"{method} {len(records)} reviews"):
+        with autocast(device, dtype):
+            if method == "generate":
+                new = model.generate_batch([prompts[i] for i in batch], max_new_tokens, temperature,
+                                           top_k or None, stop_tokens=stop)
+                for i, tokens in zip(batch, new):
+                    continuations[i] = enc.decode([t for t in tokens if t != enc.eot_token])
+                    predictions[i] = parse_label(continuations[i])
+            else:
+                logits = model.last_logits_batch([prompts[i] for i in batch])
+                positive = logits[:, label_ids[1]] > logits[:, label_ids[0]]
+                for i, is_positive in zip(batch, positive.tolist()):
+                    predictions[i] = int(is_positive)
+                    continuations[i] = LABEL_WORDS[predictions[i]]
+    return [dict(text=r["text"], label=r["label"], continuation=c, prediction=p)
+            for r, c, p in zip(records, continuations, predictions)]
+
+
+def summarize(predictions):
+    """Accuracy and counts; an unparseable answer (-1) counts as wrong."""
+    correct = sum(p["prediction"] == p["label"] for p in predictions)
+    return dict(accuracy=correct / len(predictions), positive=sum(p["prediction"] == 1 for p in predictions),
+                negative=sum(p["prediction"] == 0 for p in predictions), correct=correct,
+                unparseable=sum(p["prediction"] == -1 for p in predictions), total=len(predictions))
+
+
+def report_line(name, s):
+    return (f"{name} || Accuracy: {s['accuracy']:.4f}, Positive Predictions: {s['positive']}, "
+            f"Negative Predictions: {s['negative']}, Correct Predictions: {s['correct']}, "
+            f"Unparseable: {s['unparseable']}")
+
+
+def evaluate(model, name, records, methods, settings, device, dtype):
+    """Print the handout's line per method; return (results rows, prediction sets)."""
+    rows, sets = [], []
+    for method in methods:
+        start = time.time()
+        preds = predict_labels(model, records, settings["prompt_template"], method, settings["max_new_tokens"],
+                               settings["temperature"], settings["top_k"], settings["batch_size"], device, dtype)
+        seconds = time.time() - start
+        summary = summarize(preds)
+        print(report_line(name if method == "generate" else f"{name} [logprob]", summary))
+        print(f"  {len(records)} reviews in {seconds:.1f} s ({len(records) / seconds:.1f} reviews/s)")
+        rows.append(dict(checkpoint=name, method=method, seconds=round(seconds, 3), **summary))
+        sets.append(dict(checkpoint=name, method=method, records=preds))
+    return rows, sets
+
+
+def write_results(out_dir, split, settings, rows, sets):
+    def dump(obj):
+        return lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode())
+    atomic_write(os.path.join(out_dir, "results.json"), dump(dict(split=split, settings=settings, results=rows)))
+    atomic_write(os.path.join(out_dir, "predictions.json"), dump(sets))
+
+
+def _select(records, num_examples, split):
+    if num_examples > len(records):
+        print(f"num_examples={num_examples} is more than the {len(records)} {split} examples; using all of them")
+    return records[:num_examples] if num_examples > 0 else records
+
+
+def main(argv):
+    config, _ = parse_flags("generate.py", FLAGS, argv, __doc__)
+    try:
+        return run(config)
+    except (UsageError, DataError, CheckpointError) as e:
+        if config["debug"]:
+            raise
+        fail("generate.py", str(e))
+
+
+def _check(config):
+    if config["split"] not in ("test", "validation"):
+        raise UsageError(f"split={config['split']!r}: expected test or validation")
+    if config["method"] not in METHODS + ("both",):
+        raise UsageError(f"method={config['method']!r}: expected generate, logprob or both")
+    if config["ckpt"] not in ("best", "last", "both"):
+        raise UsageError(f"ckpt={config['ckpt']!r}: expected best, last or both")
+    if config["prompt_template"] and config["prompt_template"] not in PROMPT_TEMPLATES:
+        raise UsageError(f"prompt_template={config['prompt_template']!r}: expected one of {', '.join(PROMPT_TEMPLATES)}")
+    for key in ("max_new_tokens", "batch_size"):
+        if config[key] <= 0:
+            raise UsageError(f"{key}={config[key]}: must be positive")
+    for key in ("num_examples", "top_k", "temperature"):
+        if config[key] < 0:
+            raise UsageError(f"{key}={config[key]}: must be >= 0")
+    if os.path.exists(config["out_dir"]) and not os.path.isdir(config["out_dir"]):
+        raise UsageError(f"out_dir={config['out_dir']!r} is a file, not a directory")
+
+
+def run(config):
+    _check(config)
+    device = resolve_device(config["device"])
+    dtype = resolve_dtype(config["dtype"], device)
+    torch.manual_seed(config["seed"])
+    out_dir = config["out_dir"]
+    models = []  # (name, loader of the model, checkpoint config)
+    if config["init_from"] == "resume":
+        which = ("best", "last") if config["ckpt"] == "both" else (config["ckpt"],)
+        for key in which:
+            name, filename = CHECKPOINTS[key]
+            path = os.path.join(out_dir, filename)
+            if not os.path.isfile(path):
+                raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={out_dir}")
+            checkpoint = load_checkpoint(path)
+            models.append((name, lambda c=checkpoint: GPT.from_checkpoint(c), checkpoint.get("config", {})))
+    else:
+        models.append(("Zero-shot " + config["init_from"], lambda: GPT.from_pretrained(config["init_from"]), {}))
+    trained_with = models[0][2]
+    settings = {k: config[k] for k in ("max_new_tokens", "temperature", "top_k", "batch_size", "seed")}
+    settings["init_from"] = config["init_from"]
+    settings["dataset"] = config["dataset"] or trained_with.get("dataset", "rotten_tomatoes")
+    settings["prompt_template"] = config["prompt_template"] or trained_with.get("prompt_template", "default")
+    records = _select(load_rotten_tomatoes(settings["dataset"])[config["split"]], config["num_examples"], config["split"])
+    methods = METHODS if config["method"] == "both" else (config["method"],)
+    os.makedirs(out_dir, exist_ok=True)
+    rows, sets = [], []
+    for name, build, _ in models:
+        try:
+            model = build().to(device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        r, s = evaluate(model, name, records, methods, settings, device, dtype)
+        rows += r
+        sets += s
+        del model
+    write_results(out_dir, config["split"], settings, rows, sets)
+    print(f"wrote {os.path.join(out_dir, 'results.json')} and predictions.json")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

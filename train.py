@@ -1,0 +1,387 @@
+"""Fine-tune GPT-2 on Rotten Tomatoes reviews: LoRA on q, k, v (lora_rank > 0) or full fine-tuning.
+
+    python train.py                                        # gpt2-medium, LoRA r=128, alpha=512
+    python train.py rank=16 alpha=64 out_dir=runs/r16_a64  # one row of the handout's table
+    python train.py init_from=resume out_dir=runs/r16_a64  # continue an interrupted run
+    torchrun --nproc_per_node=2 train.py ...               # data parallel over 2 processes
+
+Writes to out_dir: ckpt.pt (best validation loss), ckpt_last.pt (last iteration), resume.pt
+(the latest state, to continue after an interruption), metrics.jsonl, and at the end the test
+accuracy of both checkpoints (results.json, predictions.json).
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import UsageError, autocast, fail, parse_flags, resolve_device, resolve_dtype
+from dataloader import PROMPT_TEMPLATES, CustomDataLoader, DataError
+from lora import mark_only_lora_as_trainable
+from model import (GPT, IGNORE_INDEX, CheckpointError, GPTConfig, atomic_write, describe_parameters,
+                   load_checkpoint, save_checkpoint)
+
+FLAGS = {
+    "out_dir": ("out", "directory for checkpoints, metrics.jsonl and results"),
+    "init_from": ("gpt2-medium", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub id or local Hugging Face GPT-2 directory; 'resume' continues out_dir; 'scratch' trains a small random model"),
+    "dataset": ("rotten_tomatoes", "hub dataset name, or a local directory with train/validation/test.jsonl"),
+    "prompt_template": ("default", f"instruction template: {', '.join(PROMPT_TEMPLATES)}"),
+    "mask_prompt": (True, "loss on the answer tokens only; false: on the whole sequence"),
+    "lora_rank": (128, "LoRA rank on the q, k, v projections; 0 = full fine-tuning"),
+    "lora_alpha": (512.0, "LoRA alpha: the update is scaled by alpha / rank"),
+    "lora_dropout": (0.05, "dropout on the input of the LoRA branch"),
+    "dropout": (0.0, "dropout inside the transformer"),
+    "learning_rate": (2.5e-4, "AdamW learning rate, constant"),
+    "max_iters": (80, "optimizer steps"),
+    "batch_size": (32, "examples per micro-batch (per process)"),
+    "gradient_accumulation_steps": (4, "micro-batches per step: batch_size x this = examples per step"),
+    "weight_decay": (0.1, "AdamW weight decay on matrices"),
+    "beta1": (0.9, "AdamW beta1"),
+    "beta2": (0.95, "AdamW beta2"),
+    "grad_clip": (1.0, "clip the gradient norm to this; 0 = off"),
+    "eval_interval": (5, "evaluate validation loss every N steps (and at the start and end)"),
+    "eval_iters": (0, "validation batches per evaluation; 0 = the whole split"),
+    "eval_batch_size": (64, "examples per validation batch"),
+    "ckpt_interval": (0, "also write resume.pt every N steps; 0 = at evaluations only"),
+    "eval_test": (True, "at the end, test accuracy of the best and last checkpoints"),
+    "seed": (1337, "random seed: initialisation, data order, dropout"),
+    "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
+    "dtype": ("auto", "auto (bfloat16, or float16 on GPUs without it; float32 on CPU), float32, bfloat16, float16"),
+    "compile": (False, "torch.compile the model"),
+    "n_layer": (4, "init_from=scratch: layers"),
+    "n_head": (4, "init_from=scratch: attention heads"),
+    "n_embd": (128, "init_from=scratch: width"),
+    "block_size": (256, "init_from=scratch: context length"),
+    "wandb_log": (False, "log to wandb (on by itself when a key is configured)"),
+    "wandb_project": ("HW3_lora_finetune_handout", "wandb project"),
+    "wandb_run_name": ("", "wandb run name; default: out_dir's name"),
+    "debug": (False, "show full tracebacks"),
+}
+ARCHITECTURE = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block_size")
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def check_flags(c):
+    rules = [
+        ("lora_rank", c["lora_rank"] >= 0, "must be >= 0"),
+        ("lora_dropout", 0 <= c["lora_dropout"] < 1, "must be in [0, 1)"),
+        ("dropout", 0 <= c["dropout"] < 1, "must be in [0, 1)"),
+        ("learning_rate", c["learning_rate"] > 0, "must be positive"),
+        ("weight_decay", c["weight_decay"] >= 0, "must be >= 0"),
+        ("beta1", 0 <= c["beta1"] < 1, "must be in [0, 1)"),
+        ("beta2", 0 <= c["beta2"] < 1, "must be in [0, 1)"),
+        ("grad_clip", c["grad_clip"] >= 0, "must be >= 0"),
+        ("prompt_template", c["prompt_template"] in PROMPT_TEMPLATES, f"must be one of {', '.join(PROMPT_TEMPLATES)}"),
+    ]
+    rules += [(k, c[k] > 0, "must be positive") for k in (
+        "max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_batch_size",
+        "n_layer", "n_head", "n_embd", "block_size")]
+    rules += [(k, c[k] >= 0, "must be >= 0") for k in ("eval_iters", "ckpt_interval")]
+    rules.append(("n_embd", c["n_embd"] % c["n_head"] == 0, f"must be a multiple of n_head={c['n_head']}"))
+    for key, ok, why in rules:
+        if not ok:
+            raise UsageError(f"{key}={c[key]!r}: {why}")
+
+
+def prepare_out_dir(out_dir):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"out_dir={out_dir!r} is a file, not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"out_dir={out_dir!r} cannot be created ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"out_dir={out_dir!r} is not writable")
+
+
+def resume_config(config, explicit):
+    """The interrupted run's config, with the flags given now on top; architecture must match."""
+    path = os.path.join(config["out_dir"], "resume.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"init_from=resume: no {path} to resume from; "
+                         f"start the run with: python train.py out_dir={config['out_dir']}")
+    state = load_checkpoint(path)
+    saved = state["config"]
+    for key in ARCHITECTURE:
+        if key in explicit and config[key] != saved[key]:
+            raise UsageError(f"{key}={config[key]!r} differs from the checkpoint's {key}={saved[key]!r} "
+                             f"in {path}; drop the flag or use a new out_dir")
+    merged = dict(saved, **{k: config[k] for k in explicit if k != "init_from"})
+    return merged, state
+
+
+def build_model(config, state):
+    """The model to train: pretrained (+ LoRA), scratch, or rebuilt from a resume state."""
+    lora = {k: config[k] for k in ("lora_rank", "lora_alpha", "lora_dropout")}
+    if config["init_from"] == "scratch":
+        model = GPT(GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
+                              n_embd=config["n_embd"], dropout=config["dropout"], **lora))
+    else:
+        model = GPT.from_pretrained(config["init_from"], dict(dropout=config["dropout"], **lora))
+    if model.config.lora_rank > 0:
+        mark_only_lora_as_trainable(model)
+    if state is not None:  # resume.pt holds the trainable parameters; the rest is init_from
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state["model"]) != trainable:
+            raise CheckpointError("resume.pt does not match the model that init_from builds")
+        model.load_state_dict(state["model"], strict=False)
+    return model
+
+
+def rng_state(device):
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per line; a line torn by a kill is dropped on resume."""
+
+    def __init__(self, path, resume_iter=None):
+        self.path = path
+        if resume_iter is None:
+            lines = []
+        else:
+            lines = [line for line in self.read(path) if line["iter"] <= resume_iter]
+        atomic_write(path, lambda f: f.write("".join(json.dumps(line) + "\n" for line in lines).encode()))
+
+    @staticmethod
+    def read(path):
+        rows = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass
+        return rows
+
+    def write(self, **row):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def start_wandb(config):
+    """A wandb run when a key is configured or wandb_log is on; None (local logs) otherwise."""
+    key = os.environ.get("WANDB_API_KEY", "")
+    key_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")
+    if not key and os.path.isfile(key_file):
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                key = json.load(f).get("wandb_api_key", "")
+        except (OSError, ValueError, AttributeError):
+            print("warning: wandb_api.json is unreadable; ignoring it", file=sys.stderr)
+    if not (key or config["wandb_log"]):
+        print(f"no wandb key: logging locally to {os.path.join(config['out_dir'], 'metrics.jsonl')}")
+        return None
+    try:
+        import wandb
+        if key:
+            os.environ["WANDB_API_KEY"] = key
+        return wandb.init(project=config["wandb_project"], dir=config["out_dir"], config=config,
+                          name=config["wandb_run_name"] or os.path.basename(os.path.abspath(config["out_dir"])))
+    except Exception as e:
+        print(f"warning: wandb is unavailable ({type(e).__name__}); logging locally only", file=sys.stderr)
+        return None
+
+
+@torch.no_grad()
+def validation_loss(model, loader, config, device, dtype):
+    """Mean loss per target token over the validation split (eval mode: LoRA merged)."""
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    for x, y in loader.batches("validation", config["eval_batch_size"], config["eval_iters"]):
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device), reduction="sum")
+        total += loss.float()
+        count += int((y != IGNORE_INDEX).sum())
+    model.train()
+    return total.item() / count
+
+
+def main(argv):
+    config, explicit = parse_flags("train.py", FLAGS, argv, __doc__)
+    try:
+        return train(config, explicit)
+    except (UsageError, DataError, CheckpointError) as e:
+        if config["debug"]:
+            raise
+        fail("train.py", str(e))
+    except Diverged as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def train(config, explicit):
+    check_flags(config)
+    state = None
+    if config["init_from"] == "resume":
+        config, state = resume_config(config, explicit)
+        check_flags(config)
+    device = resolve_device(config["device"])
+    dtype = resolve_dtype(config["dtype"], device)
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    master = rank == 0
+    step_examples = config["batch_size"] * config["gradient_accumulation_steps"]
+    if step_examples % world:
+        raise UsageError(f"batch_size x gradient_accumulation_steps = {step_examples} is not divisible by {world} processes")
+    out_dir = config["out_dir"]
+    if master:
+        prepare_out_dir(out_dir)
+    torch.manual_seed(config["seed"] + rank)
+
+    model = build_model(config, state).to(device)
+    block_size = model.config.block_size
+    loader = CustomDataLoader(config["dataset"], block_size, config["prompt_template"], config["mask_prompt"], config["seed"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [dict(params=decay, weight_decay=config["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
+        lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]), fused=device.startswith("cuda"))
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
+    iter_num, best_val_loss = 0, math.inf
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+        if master:
+            set_rng_state(state["rng"], device)
+    raw_model = model
+    if config["compile"]:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), iter_num if state else None) if master else None
+    run = start_wandb(config) if master else None
+    if master:
+        print(f"{config['init_from']} on {device} ({dtype}); {describe_parameters(raw_model)}")
+        print(f"{step_examples} examples per step; {len(loader.examples['train'])} train, "
+              f"{len(loader.examples['validation'])} validation examples"
+              + (f"; {loader.truncated} reviews truncated to fit {block_size} tokens" if loader.truncated else ""))
+
+    def save_state(best=False):
+        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                     best_val_loss=best_val_loss, config=config, rng=rng_state(device))
+        if best:  # before resume.pt, so resume.pt never claims a best that ckpt.pt lacks
+            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), raw_model, **extra)
+        save_checkpoint(os.path.join(out_dir, "resume.pt"), raw_model, trainable_only=True, **extra)
+
+    def evaluate():
+        nonlocal best_val_loss
+        val_loss = validation_loss(raw_model, loader, config, device, dtype)
+        if not math.isfinite(val_loss):
+            raise Diverged(f"validation loss is {val_loss} at iteration {iter_num}; checkpoints left as they were")
+        improved = val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss)
+        if master:
+            metrics.write(iter=iter_num, val_loss=val_loss, elapsed=round(time.time() - t0, 2))
+            if run:
+                run.log(dict(val_loss=val_loss), step=iter_num)
+            save_state(best=improved)
+        return val_loss
+
+    from tqdm.auto import tqdm
+    t0 = time.time()
+    if state is None:
+        val_loss = evaluate()
+    else:
+        val_loss = state["best_val_loss"]
+    bar = tqdm(total=config["max_iters"], initial=iter_num, desc="train", unit="step", disable=not master, file=sys.stderr)
+    while iter_num < config["max_iters"]:
+        t_step = time.time()
+        examples = loader.train_examples(iter_num * step_examples, step_examples)
+        targets = sum(len(ids) - 1 if not config["mask_prompt"] else len(ids) - n_prompt for ids, n_prompt in examples)
+        share = step_examples // world
+        mine = examples[rank * share:(rank + 1) * share]
+        micro = [mine[i:i + config["batch_size"]] for i in range(0, share, config["batch_size"])]
+        step_loss = torch.zeros((), device=device)
+        tokens = 0
+        for k, batch in enumerate(micro):
+            x, y = loader.collate(batch)
+            tokens += x.numel()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = nullcontext() if not ddp or k == len(micro) - 1 else model.no_sync()
+            with sync:
+                with autocast(device, dtype):
+                    _, loss = model(x, y, reduction="sum")
+                # normalised by the target tokens of the whole step; DDP averages over processes
+                loss = loss * world / targets
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        if config["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, config["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ddp:
+            dist.all_reduce(step_loss)
+        train_loss = step_loss.item() / world
+        if not math.isfinite(train_loss):
+            raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
+        iter_num += 1
+        step_time = time.time() - t_step
+        if master:
+            metrics.write(iter=iter_num, train_loss=train_loss, lr=config["learning_rate"],
+                          tokens=tokens * world, step_time=round(step_time, 4), elapsed=round(time.time() - t0, 2))
+            if run:
+                run.log(dict(train_loss=train_loss), step=iter_num)
+        if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
+            val_loss = evaluate()
+        elif master and config["ckpt_interval"] and iter_num % config["ckpt_interval"] == 0:
+            save_state()
+        bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
+                        tok_s=f"{tokens * world / step_time:,.0f}", refresh=False)
+        bar.update(1)
+    bar.close()
+
+    if master:
+        extra = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config)
+        save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), raw_model, optimizer=optimizer.state_dict(), **extra)
+        print(f"done: {iter_num} steps in {time.time() - t0:.1f} s; best validation loss {best_val_loss:.4f}")
+        if config["eval_test"]:
+            test_accuracy(raw_model, loader, config, device, dtype)
+        if run:
+            run.finish()
+    if ddp:
+        dist.destroy_process_group()
+
+
+def test_accuracy(model, loader, config, device, dtype):
+    """The Best Val and Last Iter lines on the test split, through generate.py's evaluation."""
+    import generate
+    settings = dict(prompt_template=config["prompt_template"], max_new_tokens=5, temperature=0.0,
+                    top_k=0, batch_size=config["eval_batch_size"], seed=config["seed"],
+                    init_from=config["init_from"], dataset=config["dataset"])
+    records = loader.records["test"]
+    rows, sets = generate.evaluate(model, "Last Iter Checkpoint", records, ["generate"], settings, device, dtype)
+    model.train()
+    model.load_state_dict(load_checkpoint(os.path.join(config["out_dir"], "ckpt.pt"), device)["model"])
+    best_rows, best_sets = generate.evaluate(model, "Best Val Checkpoint", records, ["generate"], settings, device, dtype)
+    generate.write_results(config["out_dir"], "test", settings, best_rows + rows, best_sets + sets)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
