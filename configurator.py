@@ -33,10 +33,16 @@ def _canonical(name, flags):
     key = name.strip().replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in flags:
-        close = difflib.get_close_matches(key, list(flags) + list(ALIASES), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(key, list(flags) + list(ALIASES), n=1, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else " (-h lists the flags)"
         raise UsageError(f"unknown flag {name!r}{hint}")
     return key
+
+
+def _looks_like_flag(arg, flags):
+    name, has_value, _ = arg.partition("=")
+    key = name.replace("-", "_")
+    return arg.startswith("--") or (has_value and ALIASES.get(key, key) in flags)
 
 
 def _convert(key, text, default):
@@ -101,7 +107,7 @@ def _parse(flags, argv):
                     # a bare --flag means true; a following true/false is its value
                     has_bool = bool(args) and args[0].strip().lower() in TRUE + FALSE
                     text = args.pop(0) if has_bool else "true"
-                elif args:
+                elif args and not _looks_like_flag(args[0], flags):
                     text = args.pop(0)
                 else:
                     raise UsageError(f"--{name} needs a value")

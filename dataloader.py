@@ -37,20 +37,29 @@ def get_sentiment_prompt(text, label=None, template="default"):
     return prompt if label is None else prompt + LABEL_WORDS[label]
 
 
-def encode_prompt(text, template="default", max_tokens=None):
-    """Token ids of the prompt for text, the review cut short (never the template) to fit
-    max_tokens. Returns (ids, truncated)."""
+def encode_prompts(texts, template="default", max_tokens=None):
+    """Token ids of the prompt of each review, the review cut short (never the template) where
+    the prompt would pass max_tokens. Returns (list of ids, number truncated)."""
     enc = get_tokenizer()
-    ids = enc.encode_ordinary(get_sentiment_prompt(text, template=template))
-    if max_tokens is None or len(ids) <= max_tokens:
-        return ids, False
+    prompts = [enc.encode_ordinary(get_sentiment_prompt(t, template=template)) for t in texts]
+    truncated = 0
+    for i, ids in enumerate(prompts):
+        if max_tokens is not None and len(ids) > max_tokens:
+            prompts[i] = _truncate(texts[i], template, max_tokens)
+            truncated += 1
+    return prompts, truncated
+
+
+def _truncate(text, template, max_tokens):
+    enc = get_tokenizer()
     text_ids = enc.encode_ordinary(text)
+    ids = enc.encode_ordinary(get_sentiment_prompt(text, template=template))
     while len(ids) > max_tokens and text_ids:
         text_ids = text_ids[:max(0, len(text_ids) - (len(ids) - max_tokens))]
         ids = enc.encode_ordinary(get_sentiment_prompt(enc.decode(text_ids), template=template))
     if len(ids) > max_tokens:
         raise DataError(f"the '{template}' template alone is longer than {max_tokens} tokens")
-    return ids, True
+    return ids
 
 
 def answer_tokens(label):
@@ -126,19 +135,17 @@ class CustomDataLoader:
         self.records = load_rotten_tomatoes(dataset)
         self.examples, self.truncated = {}, 0
         for split, records in self.records.items():
-            self.examples[split] = [self._tokenize(self._add_instruction_finetuning(dict(r)), block_size)
-                                    for r in records]
+            records = [self._add_instruction_finetuning(dict(r)) for r in records]
+            answers = [answer_tokens(r["label"]) for r in records]
+            # x is ids[:-1], so prompt + answer may be one token longer than the context
+            prompts, truncated = encode_prompts([r["text"] for r in records], prompt_template,
+                                                block_size + 1 - max(map(len, answers)))
+            self.truncated += truncated
+            self.examples[split] = [(p + a, len(p)) for p, a in zip(prompts, answers)]
 
     def _add_instruction_finetuning(self, rec):
         rec["instr_tuned_text"] = get_sentiment_prompt(rec["text"], rec["label"], self.template)
         return rec
-
-    def _tokenize(self, rec, block_size):
-        answer = answer_tokens(rec["label"])
-        # x is ids[:-1], so prompt + answer may be one token longer than the context
-        prompt, truncated = encode_prompt(rec["text"], self.template, block_size + 1 - len(answer))
-        self.truncated += truncated
-        return prompt + answer, len(prompt)
 
     def _permutation(self, epoch):
         generator = torch.Generator().manual_seed(self.seed + epoch)

@@ -16,7 +16,7 @@ import time
 import torch
 
 from configurator import UsageError, autocast, fail, parse_flags, resolve_device, resolve_dtype
-from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, encode_prompt, get_tokenizer,
+from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, encode_prompts, get_tokenizer,
                         load_rotten_tomatoes)
 from model import GPT, CheckpointError, atomic_write, load_checkpoint
 
@@ -57,10 +57,6 @@ def parse_label(continuation):
     return {"positive": 1, "negative": 0}.get(text[:end].lower(), -1)
 
 
-def _prompts(records, template, max_tokens):
-    return [encode_prompt(r["text"], template, max_tokens)[0] for r in records]
-
-
 def _length_sorted_batches(prompts, batch_size):
     """Indices in batches of similar prompt length, so little padding is computed."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -79,7 +75,7 @@ def predict_labels(model, records, template="default", method="generate", max_ne
     model.eval()  # merges LoRA into the weights
     enc = get_tokenizer()
     room = model.config.block_size - (max_new_tokens if method == "generate" else 0)
-    prompts = _prompts(records, template, room)
+    prompts, _ = encode_prompts([r["text"] for r in records], template, room)
     label_ids = {label: enc.encode_ordinary(word)[0] for label, word in LABEL_WORDS.items()}
     stop = (enc.eot_token, *enc.encode_ordinary("\n"), *enc.encode_ordinary("\n\n"))
     continuations, predictions = [None] * len(records), [None] * len(records)

@@ -2,7 +2,8 @@
 
 y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W and b frozen and only A (r x in) and
 B (out x r) trained. B starts at zero, so a fresh LoRA layer computes exactly its base layer.
-In eval mode the update is merged into W, so inference costs one matmul, as without LoRA.
+In eval mode the update is merged into W, so inference costs one matmul, as without LoRA;
+train mode gives back the base W exactly.
 """
 import math
 
@@ -48,16 +49,26 @@ class LoRALinear(nn.Linear):
         return out
 
     @torch.no_grad()
-    def _add_update_to_weight(self, sign):
-        update = (self.lora_B.float() @ self.lora_A.float()) * (sign * self.lora_scaling)
-        self.weight.copy_((self.weight.float() + update).to(self.weight.dtype))
+    def _merge(self):
+        # W + s B A - s B A need not round back to W, so de-merging restores this exact copy
+        self._unmerged_weight = self.weight.detach().clone()
+        update = self.lora_scaling * (self.lora_B.float() @ self.lora_A.float())
+        self.weight.copy_(self.weight.float() + update)
+        self.has_weights_merged = True
+
+    @torch.no_grad()
+    def _demerge(self):
+        self.weight.copy_(self._unmerged_weight)
+        del self._unmerged_weight
+        self.has_weights_merged = False
 
     def train(self, mode=True):
         """mode=True de-merges the LoRA update from the weight, mode=False merges it."""
         super().train(mode)
-        if self.is_lora() and mode == self.has_weights_merged:
-            self._add_update_to_weight(-1.0 if mode else 1.0)
-            self.has_weights_merged = not mode
+        if self.is_lora() and mode and self.has_weights_merged:
+            self._demerge()
+        elif self.is_lora() and not mode and not self.has_weights_merged:
+            self._merge()
         return self
 
     def eval(self):

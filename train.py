@@ -28,7 +28,7 @@ from model import (GPT, IGNORE_INDEX, CheckpointError, GPTConfig, atomic_write, 
 
 FLAGS = {
     "out_dir": ("out", "directory for checkpoints, metrics.jsonl and results"),
-    "init_from": ("gpt2-medium", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub id or local Hugging Face GPT-2 directory; 'resume' continues out_dir; 'scratch' trains a small random model"),
+    "init_from": ("gpt2-medium", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub id or local Hugging Face GPT-2 directory; 'resume' continues out_dir; 'scratch' trains every weight of a small random model (sized by n_layer, n_head, n_embd, block_size)"),
     "dataset": ("rotten_tomatoes", "hub dataset name, or a local directory with train/validation/test.jsonl"),
     "prompt_template": ("default", f"instruction template: {', '.join(PROMPT_TEMPLATES)}"),
     "mask_prompt": (True, "loss on the answer tokens only; false: on the whole sequence"),
@@ -120,11 +120,11 @@ def resume_config(config, explicit):
 
 def build_model(config, state):
     """The model to train: pretrained (+ LoRA), scratch, or rebuilt from a resume state."""
-    lora = {k: config[k] for k in ("lora_rank", "lora_alpha", "lora_dropout")}
-    if config["init_from"] == "scratch":
+    if config["init_from"] == "scratch":  # every weight trains; LoRA on random weights would make no sense
         model = GPT(GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
-                              n_embd=config["n_embd"], dropout=config["dropout"], **lora))
+                              n_embd=config["n_embd"], dropout=config["dropout"]))
     else:
+        lora = {k: config[k] for k in ("lora_rank", "lora_alpha", "lora_dropout")}
         model = GPT.from_pretrained(config["init_from"], dict(dropout=config["dropout"], **lora))
     if model.config.lora_rank > 0:
         mark_only_lora_as_trainable(model)

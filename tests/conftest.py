@@ -36,3 +36,20 @@ def data_dir():
     if not path:
         pytest.fail("ROTTEN_TOMATOES_DIR is not set: point it at the local rotten_tomatoes copy")
     return Path(path)
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(data_dir, tmp_path_factory):
+    """A balanced slice of the real splits: 300 train, 64 validation, 64 test reviews."""
+    path = tmp_path_factory.mktemp("rt_small")
+    for split, half in (("train", 150), ("validation", 32), ("test", 32)):
+        lines = (data_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        (path / f"{split}.jsonl").write_text("\n".join(lines[:half] + lines[-half:]) + "\n", encoding="utf-8")
+    return path
+
+
+def run_train(*flags):
+    """train.py in this process, tiny and quick unless flags say otherwise."""
+    import train
+    train.main(["device=cpu", "eval_test=false", "batch_size=8", "gradient_accumulation_steps=2",
+                "eval_interval=2", "eval_batch_size=32", *map(str, flags)])
