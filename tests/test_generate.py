@@ -1,0 +1,145 @@
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+
+import generate
+from conftest import run_train
+from dataloader import encode_prompts, get_tokenizer, load_rotten_tomatoes
+from generate import parse_label, predict_labels, summarize
+from model import GPT
+
+
+@pytest.mark.parametrize("text, label", [
+    (" positive", 1), ("Positive!", 1), (" negative.", 0), ("\n negative", 0), (" NEGATIVE<|endoftext|>", 0),
+    (" neutral", -1), ("", -1), ("   ", -1), (" positively", -1), (" not positive", -1),
+    (" negative positive", 0), (" pos", -1), ("positive,", 1), (" 1", -1),
+])
+def test_parse_label(text, label):
+    assert parse_label(text) == label
+
+
+@pytest.fixture(scope="module")
+def lora_model(hf_gpt2_dir):
+    torch.manual_seed(0)
+    model = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=16.0))
+    for module in model.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B, std=0.05)
+    return model.eval()
+
+
+def test_batched_greedy_equals_one_at_a_time(lora_model):
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 50257, (int(n),), generator=generator).tolist()
+               for n in torch.randint(3, 60, (50,), generator=generator)]
+    stop = (50256, 198)
+    batched = lora_model.generate_batch(prompts, 8, temperature=0.0, stop_tokens=stop)
+    for prompt, got in zip(prompts, batched):
+        full = lora_model.generate(torch.tensor([prompt]), 8, temperature=0)[0, len(prompt):].tolist()
+        cut = next((i + 1 for i, t in enumerate(full) if t in stop), len(full))
+        assert got == full[:cut]
+    assert len({len(p) for p in prompts}) > 20
+
+
+def test_logprob_is_the_argmax_of_the_two_label_logits(lora_model, small_data_dir):
+    records = load_rotten_tomatoes(str(small_data_dir))["test"]
+    preds = predict_labels(lora_model, records, method="logprob", batch_size=16)
+    prompts, _ = encode_prompts([r["text"] for r in records])
+    for prompt, pred in zip(prompts, preds):
+        with torch.no_grad():
+            logits, _ = lora_model(torch.tensor([prompt]))
+        log_probs = torch.log_softmax(logits[0, -1], dim=-1)
+        assert pred["prediction"] == int(log_probs[3967] > log_probs[4633])
+        assert pred["continuation"] == (" positive" if pred["prediction"] else " negative")
+
+
+def test_generate_method_parses_the_generated_text(lora_model, small_data_dir):
+    records = load_rotten_tomatoes(str(small_data_dir))["test"][:20]
+    preds = predict_labels(lora_model, records, method="generate", max_new_tokens=3, batch_size=7)
+    enc = get_tokenizer()
+    prompts, _ = encode_prompts([r["text"] for r in records])
+    for prompt, record, pred in zip(prompts, records, preds):
+        tokens = lora_model.generate(torch.tensor([prompt]), 3, temperature=0)[0, len(prompt):].tolist()
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in (50256, 198, 628)), len(tokens))
+        assert pred["continuation"] == enc.decode([t for t in tokens[:cut] if t != 50256])
+        assert pred["prediction"] == parse_label(pred["continuation"])
+        assert (pred["text"], pred["label"]) == (record["text"], record["label"])
+
+
+def test_accuracy_counts_unparseable_as_wrong():
+    preds = [dict(label=1, prediction=1), dict(label=0, prediction=1), dict(label=0, prediction=0),
+             dict(label=1, prediction=-1), dict(label=0, prediction=-1)]
+    assert summarize(preds) == dict(accuracy=0.4, positive=2, negative=1, correct=2, unparseable=2, total=5)
+    assert generate.report_line("Best Val Checkpoint", summarize(preds)) == (
+        "Best Val Checkpoint || Accuracy: 0.4000, Positive Predictions: 2, Negative Predictions: 1, "
+        "Correct Predictions: 2, Unparseable: 2")
+
+
+@pytest.fixture(scope="module")
+def trained_run(hf_gpt2_dir, small_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=2",
+                  "rank=8", "lr=1e-2", "eval_test=true")
+    return out, printed.getvalue()
+
+
+def test_train_reports_both_checkpoints_through_generate(trained_run):
+    trained_run, printed = trained_run
+    lines = [l for l in printed.splitlines() if " || Accuracy: " in l]
+    assert [l.split(" || ")[0] for l in lines] == ["Last Iter Checkpoint", "Best Val Checkpoint"]
+    results = json.loads((trained_run / "results.json").read_text())
+    for row in results["results"]:
+        assert generate.report_line(row["checkpoint"], row) in lines
+    assert [r["checkpoint"] for r in results["results"]] == ["Best Val Checkpoint", "Last Iter Checkpoint"]
+    assert all(r["total"] == 64 and r["method"] == "generate" for r in results["results"])
+
+
+def test_generate_evaluates_both_checkpoints(trained_run, capsys):
+    trained_run, _ = trained_run
+    rows = generate.main([f"out_dir={trained_run}", "device=cpu", "method=both", "batch_size=10"])
+    out = capsys.readouterr().out
+    for name in ("Best Val Checkpoint", "Last Iter Checkpoint"):
+        line = next(l for l in out.splitlines() if l.startswith(name + " || "))
+        row = next(r for r in rows if r["checkpoint"] == name and r["method"] == "generate")
+        assert line == generate.report_line(name, row)
+        assert f"{name} [logprob] || Accuracy: " in out
+    results = json.loads((trained_run / "results.json").read_text())
+    predictions = json.loads((trained_run / "predictions.json").read_text())
+    assert results["split"] == "test" and results["settings"]["prompt_template"] == "default"
+    assert len(results["results"]) == 4 and len(predictions) == 4
+    for row, pred_set in zip(results["results"], predictions):
+        assert (row["checkpoint"], row["method"]) == (pred_set["checkpoint"], pred_set["method"])
+        assert len(pred_set["records"]) == row["total"] == 64
+        assert summarize(pred_set["records"]) == {k: row[k] for k in summarize(pred_set["records"])}
+        assert set(pred_set["records"][0]) == {"text", "label", "continuation", "prediction"}
+
+
+def test_zero_shot_on_a_local_directory(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    generate.main([f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={tmp_path}",
+                   "num_examples=500", "split=validation", "device=cpu"])
+    out = capsys.readouterr().out
+    assert "num_examples=500 is more than the 64 validation examples; using all of them" in out
+    assert f"Zero-shot {hf_gpt2_dir} || Accuracy: " in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["split"] == "validation" and results["results"][0]["total"] == 64
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.main([f"out_dir={tmp_path}", "device=cpu"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"generate.py: error: no checkpoint at {tmp_path / 'ckpt.pt'}; make one with: python train.py out_dir={tmp_path}")
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        generate.main([f"out_dir={tmp_path}", "ckpt=best", "device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert err.startswith(f"generate.py: error: {tmp_path / 'ckpt.pt'} is corrupt or truncated (")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
