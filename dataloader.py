@@ -131,8 +131,9 @@ class CustomDataLoader:
 
     def __init__(self, dataset="rotten_tomatoes", block_size=1024, prompt_template="default",
                  mask_prompt=True, seed=1337):
+        """dataset: a hub name, a local directory, or splits already read by load_rotten_tomatoes."""
         self.template, self.mask_prompt, self.seed = prompt_template, mask_prompt, seed
-        self.records = load_rotten_tomatoes(dataset)
+        self.records = dataset if isinstance(dataset, dict) else load_rotten_tomatoes(dataset)
         self.examples, self.truncated = {}, 0
         for split, records in self.records.items():
             records = [self._add_instruction_finetuning(dict(r)) for r in records]

@@ -317,9 +317,11 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(f"could not write {path} ({e.strerror or e}); the previous file, if any, is intact") from None
         raise
 
 

@@ -12,6 +12,7 @@ accuracy of both checkpoints (results.json, predictions.json).
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -21,13 +22,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import UsageError, autocast, fail, parse_flags, resolve_device, resolve_dtype
-from dataloader import PROMPT_TEMPLATES, CustomDataLoader, DataError
+from dataloader import PROMPT_TEMPLATES, CustomDataLoader, DataError, load_rotten_tomatoes
 from lora import mark_only_lora_as_trainable
 from model import (GPT, IGNORE_INDEX, CheckpointError, GPTConfig, atomic_write, describe_parameters,
                    load_checkpoint, save_checkpoint)
 
 FLAGS = {
     "out_dir": ("out", "directory for checkpoints, metrics.jsonl and results"),
+    "resume": ("off", "auto: continue out_dir's interrupted run if there is one, else start it; off: always start afresh"),
+    "overwrite": (False, "start afresh even where out_dir holds an earlier run (its checkpoints are replaced)"),
     "init_from": ("gpt2-medium", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub id or local Hugging Face GPT-2 directory; 'resume' continues out_dir; 'scratch' trains every weight of a small random model (sized by n_layer, n_head, n_embd, block_size)"),
     "dataset": ("rotten_tomatoes", "hub dataset name, or a local directory with train/validation/test.jsonl"),
     "prompt_template": ("default", f"instruction template: {', '.join(PROMPT_TEMPLATES)}"),
@@ -80,6 +83,7 @@ def check_flags(c):
         ("beta2", 0 <= c["beta2"] < 1, "must be in [0, 1)"),
         ("grad_clip", c["grad_clip"] >= 0, "must be >= 0"),
         ("prompt_template", c["prompt_template"] in PROMPT_TEMPLATES, f"must be one of {', '.join(PROMPT_TEMPLATES)}"),
+        ("resume", c["resume"] in ("off", "auto"), "must be off or auto"),
     ]
     rules += [(k, c[k] > 0, "must be positive") for k in (
         "max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_batch_size",
@@ -91,15 +95,28 @@ def check_flags(c):
             raise UsageError(f"{key}={c[key]!r}: {why}")
 
 
-def prepare_out_dir(out_dir):
+def check_out_dir(out_dir):
+    """Fail before any work if out_dir cannot hold the run's files."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"out_dir={out_dir!r} is a file, not a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"out_dir={out_dir!r} cannot be created ({e.strerror})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"out_dir={out_dir!r} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"out_dir={out_dir!r} is not writable")
+
+
+def holds_run(out_dir):
+    return any(os.path.exists(os.path.join(out_dir, f)) for f in ("ckpt.pt", "ckpt_last.pt", "resume.pt"))
+
+
+def remove_stale_temporaries(out_dir):
+    """Temporary files left by a run that was killed while writing."""
+    for name in os.listdir(out_dir):
+        if re.fullmatch(r".+\.tmp-\d+", name):
+            os.remove(os.path.join(out_dir, name))
 
 
 def resume_config(config, explicit):
@@ -220,19 +237,29 @@ def main(argv):
         if config["debug"]:
             raise
         fail("train.py", str(e))
-    except Diverged as e:
-        print(f"train.py: {e}", file=sys.stderr)
+    except (Diverged, OSError) as e:  # not a usage error: exit status 1
+        if config["debug"]:
+            raise
+        print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 def train(config, explicit):
     check_flags(config)
+    out_dir = config["out_dir"]
+    check_out_dir(out_dir)
     state = None
-    if config["init_from"] == "resume":
+    resuming = config["init_from"] == "resume" or (
+        config["resume"] == "auto" and os.path.isfile(os.path.join(out_dir, "resume.pt")))
+    if resuming:
         config, state = resume_config(config, explicit)
         check_flags(config)
     device = resolve_device(config["device"])
     dtype = resolve_dtype(config["dtype"], device)
+    if not resuming and config["resume"] == "off" and holds_run(out_dir) and not config["overwrite"]:
+        raise UsageError(f"out_dir={out_dir!r} holds an earlier run; continue it with resume=auto, "
+                         "replace it with overwrite=true, or choose another out_dir")
+    records = load_rotten_tomatoes(config["dataset"])  # bad data stops the run before any download or write
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if ddp:
@@ -245,14 +272,14 @@ def train(config, explicit):
     step_examples = config["batch_size"] * config["gradient_accumulation_steps"]
     if step_examples % world:
         raise UsageError(f"batch_size x gradient_accumulation_steps = {step_examples} is not divisible by {world} processes")
-    out_dir = config["out_dir"]
-    if master:
-        prepare_out_dir(out_dir)
     torch.manual_seed(config["seed"] + rank)
 
     model = build_model(config, state).to(device)
     block_size = model.config.block_size
-    loader = CustomDataLoader(config["dataset"], block_size, config["prompt_template"], config["mask_prompt"], config["seed"])
+    loader = CustomDataLoader(records, block_size, config["prompt_template"], config["mask_prompt"], config["seed"])
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        remove_stale_temporaries(out_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -263,6 +290,9 @@ def train(config, explicit):
     iter_num, best_val_loss = 0, math.inf
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # flags given now win over the saved hyperparameters
+            group.update(lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]))
+            group["weight_decay"] = config["weight_decay"] if group["weight_decay"] else 0.0
         scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
         if master:
@@ -308,54 +338,54 @@ def train(config, explicit):
         val_loss = evaluate()
     else:
         val_loss = state["best_val_loss"]
-    bar = tqdm(total=config["max_iters"], initial=iter_num, desc="train", unit="step", disable=not master, file=sys.stderr)
-    while iter_num < config["max_iters"]:
-        t_step = time.time()
-        examples = loader.train_examples(iter_num * step_examples, step_examples)
-        targets = sum(len(ids) - 1 if not config["mask_prompt"] else len(ids) - n_prompt for ids, n_prompt in examples)
-        share = step_examples // world
-        mine = examples[rank * share:(rank + 1) * share]
-        micro = [mine[i:i + config["batch_size"]] for i in range(0, share, config["batch_size"])]
-        step_loss = torch.zeros((), device=device)
-        tokens = 0
-        for k, batch in enumerate(micro):
-            x, y = loader.collate(batch)
-            tokens += x.numel()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = nullcontext() if not ddp or k == len(micro) - 1 else model.no_sync()
-            with sync:
-                with autocast(device, dtype):
-                    _, loss = model(x, y, reduction="sum")
-                # normalised by the target tokens of the whole step; DDP averages over processes
-                loss = loss * world / targets
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if config["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, config["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(step_loss)
-        train_loss = step_loss.item() / world
-        if not math.isfinite(train_loss):
-            raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
-        iter_num += 1
-        step_time = time.time() - t_step
-        if master:
-            metrics.write(iter=iter_num, train_loss=train_loss, lr=config["learning_rate"],
-                          tokens=tokens * world, step_time=round(step_time, 4), elapsed=round(time.time() - t0, 2))
-            if run:
-                run.log(dict(train_loss=train_loss), step=iter_num)
-        if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
-            val_loss = evaluate()
-        elif master and config["ckpt_interval"] and iter_num % config["ckpt_interval"] == 0:
-            save_state()
-        bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
-                        tok_s=f"{tokens * world / step_time:,.0f}", refresh=False)
-        bar.update(1)
-    bar.close()
+    with tqdm(total=config["max_iters"], initial=iter_num, desc="train", unit="step", disable=not master,
+              file=sys.stderr) as bar:
+        while iter_num < config["max_iters"]:
+            t_step = time.time()
+            examples = loader.train_examples(iter_num * step_examples, step_examples)
+            targets = sum(len(ids) - 1 if not config["mask_prompt"] else len(ids) - n_prompt for ids, n_prompt in examples)
+            share = step_examples // world
+            mine = examples[rank * share:(rank + 1) * share]
+            micro = [mine[i:i + config["batch_size"]] for i in range(0, share, config["batch_size"])]
+            step_loss = torch.zeros((), device=device)
+            tokens = 0
+            for k, batch in enumerate(micro):
+                x, y = loader.collate(batch)
+                tokens += x.numel()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = nullcontext() if not ddp or k == len(micro) - 1 else model.no_sync()
+                with sync:
+                    with autocast(device, dtype):
+                        _, loss = model(x, y, reduction="sum")
+                    # normalised by the target tokens of the whole step; DDP averages over processes
+                    loss = loss * world / targets
+                    scaler.scale(loss).backward()
+                step_loss += loss.detach()
+            if config["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, config["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ddp:
+                dist.all_reduce(step_loss)
+            train_loss = step_loss.item() / world
+            if not math.isfinite(train_loss):
+                raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
+            iter_num += 1
+            step_time = time.time() - t_step
+            if master:
+                metrics.write(iter=iter_num, train_loss=train_loss, lr=config["learning_rate"],
+                              tokens=tokens * world, step_time=round(step_time, 4), elapsed=round(time.time() - t0, 2))
+                if run:
+                    run.log(dict(train_loss=train_loss), step=iter_num)
+            if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
+                val_loss = evaluate()
+            elif master and config["ckpt_interval"] and iter_num % config["ckpt_interval"] == 0:
+                save_state()
+            bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
+                            tok_s=f"{tokens * world / step_time:,.0f}", refresh=False)
+            bar.update(1)
 
     if master:
         extra = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config)

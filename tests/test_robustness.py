@@ -1,0 +1,240 @@
+"""Interrupted runs, write failures, unsafe checkpoints and bad input (never lose a run)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate
+from conftest import ROOT, run_train
+from model import CheckpointError, load_checkpoint
+
+KILLER = r"""
+import os, signal, sys
+import model, train
+target, nth = sys.argv[1], int(sys.argv[2])
+calls = [0]
+def wrap(original):
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth:
+            if target == "atomic_write":  # die with the temporary file half written
+                path, write = args
+                def half(f):
+                    write(f)
+                    f.flush()
+                    f.truncate(f.tell() // 2)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return original(path, half)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    return wrapped
+if target == "atomic_write":
+    model.atomic_write = wrap(model.atomic_write)
+else:
+    train.validation_loss = wrap(train.validation_loss)
+train.main(sys.argv[3:])
+"""
+
+
+def tiny_run_flags(hf_dir, data_dir, out_dir):
+    return [f"init_from={hf_dir}", f"dataset={data_dir}", f"out_dir={out_dir}", "max_iters=4", "eval_interval=2",
+            "rank=8", "alpha=32", "lr=1e-2", "lora_dropout=0.1", "dropout=0.1", "batch_size=8",
+            "gradient_accumulation_steps=1", "eval_test=false", "device=cpu", "resume=auto"]
+
+
+def losses(out_dir):
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("iter", "train_loss", "val_loss") if k in r} for r in rows]
+
+
+@pytest.mark.parametrize("target, nth, moment", [
+    ("validation_loss", 1, "before the first evaluation"),
+    ("atomic_write", 1, "while writing the first ckpt.pt"),
+    ("atomic_write", 2, "while writing the first resume.pt"),
+    ("validation_loss", 2, "after the first checkpoints, before the second evaluation"),
+    ("atomic_write", 4, "while writing the second resume.pt"),
+])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(hf_gpt2_dir, small_data_dir, tmp_path, target, nth, moment):
+    straight = tmp_path / "straight"
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, straight)[:-1])
+    out = tmp_path / "killed"
+    flags = tiny_run_flags(hf_gpt2_dir, small_data_dir, out)
+    killed = subprocess.run([sys.executable, "-c", KILLER, target, str(nth), *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    for path in out.glob("*.pt"):  # whatever was renamed into place is whole
+        load_checkpoint(path)
+    # a kill inside a write leaves only its temporary file behind, never a torn checkpoint
+    assert len(list(out.glob("*.tmp-*"))) == (1 if target == "atomic_write" else 0)
+
+    run_train(*flags)  # the same command again
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
+    expected, got = load_checkpoint(straight / "ckpt_last.pt"), load_checkpoint(out / "ckpt_last.pt")
+    assert got["iter_num"] == 4
+    for key, value in expected["model"].items():
+        assert torch.equal(value, got["model"][key]), (moment, key)  # exact: same arithmetic, same order
+    assert losses(out) == losses(straight)
+
+
+def files(out_dir):
+    return {p.name: p.read_bytes() for p in out_dir.iterdir()}
+
+
+@pytest.fixture
+def finished_run(hf_gpt2_dir, small_data_dir, tmp_path):
+    out = tmp_path / "run"
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1])
+    return out, files(out)
+
+
+def write_dataset(path, **overrides):
+    path.mkdir()
+    good = '{"text": "fine", "label": 1}\n{"text": "bad", "label": 0}\n'
+    for split in ("train", "validation", "test"):
+        content = overrides.get(split, good)
+        if content is not None:
+            (path / f"{split}.jsonl").write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["lora_rnk=4"], "unknown flag 'lora_rnk' (did you mean lora_rank?)"),
+    (["max_iters=abc"], "max_iters='abc': expected an integer"),
+    (["rank=-2"], "lora_rank=-2: must be >= 0"),
+    (["lora_dropout=1"], "lora_dropout=1.0: must be in [0, 1)"),
+    (["max_iters=0"], "max_iters=0: must be positive"),
+    (["eval_interval=0"], "eval_interval=0: must be positive"),
+    (["device=cuda"], "device='cuda': CUDA is not available on this machine (use device=cpu)"),
+    (["resume=sometimes"], "resume='sometimes': must be off or auto"),
+    ([], "out_dir={out!r} holds an earlier run; continue it with resume=auto, replace it with overwrite=true, or choose another out_dir"),
+])
+def test_usage_errors_leave_out_dir_untouched(finished_run, hf_gpt2_dir, small_data_dir, capsys, flags, message):
+    out, before = finished_run
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", *flags)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "train.py: error: " + message.format(out=str(out))
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(test=None), "test split: {d}/test.jsonl does not exist"),
+    (dict(validation="\n"), "validation split: {d}/validation.jsonl holds no examples"),
+    (dict(train='{"text": "ok", "label": 1}\n{"text": "ok" "label": 0}\n'), "train split: {d}/train.jsonl:2: malformed JSON ("),
+    (dict(train='{"text": "ok", "label": 3}\n'), "train split: {d}/train.jsonl:1: 'label' must be 0 or 1, got 3"),
+    (dict(test='{"label": 1}\n'), "test split: {d}/test.jsonl:1: 'text' is missing or empty"),
+    (dict(train=b'{"text": "\xff", "label": 1}\n'), "train split: {d}/train.jsonl is not UTF-8 ("),
+])
+def test_bad_data_names_split_and_line(finished_run, hf_gpt2_dir, tmp_path, capsys, overrides, message):
+    out, before = finished_run
+    data = write_dataset(tmp_path / "data", **overrides)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_train(f"init_from={hf_gpt2_dir}", f"dataset={data}", f"out_dir={out}", "overwrite=true")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: " + message.format(d=data)) and "\n" not in err
+    assert files(out) == before
+
+
+def test_missing_dataset_directory(hf_gpt2_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_train(f"init_from={hf_gpt2_dir}", f"dataset={tmp_path}/nope", f"out_dir={tmp_path / 'o'}")
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"train.py: error: dataset directory {tmp_path}/nope does not exist"
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_dir_that_is_a_file_or_under_a_file(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    (tmp_path / "f").write_text("keep me")
+    for out, message in ((tmp_path / "f", f"out_dir='{tmp_path}/f' is a file, not a directory"),
+                         (tmp_path / "f" / "run", f"out_dir='{tmp_path}/f/run' cannot be created: {tmp_path}/f is a file")):
+        with pytest.raises(SystemExit) as e:
+            run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}")
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip() == f"train.py: error: {message}"
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoints(finished_run, hf_gpt2_dir, small_data_dir, capsys, monkeypatch):
+    out, before = finished_run
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip().endswith(
+        f"train.py: error: could not write {out}/ckpt.pt (No space left on device); the previous file, if any, is intact")
+    after = files(out)
+    for name in ("ckpt.pt", "ckpt_last.pt", "resume.pt"):
+        assert after[name] == before[name]
+    assert not list(out.glob("*.tmp-*"))
+
+
+def test_nan_loss_stops_without_touching_checkpoints(finished_run, hf_gpt2_dir, small_data_dir, capsys):
+    out, before = finished_run
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_train("init_from=resume", f"out_dir={out}", "max_iters=6", "lr=1e30")
+    assert e.value.code == 1
+    # step 5 computes its loss before its huge update; step 6 meets the wrecked weights
+    assert capsys.readouterr().err.strip().endswith(
+        "train.py: error: training loss is nan at iteration 6; checkpoints left as they were")
+    after = files(out)
+    for name in ("ckpt.pt", "ckpt_last.pt", "resume.pt"):
+        assert after[name] == before[name]
+
+
+def test_unreachable_wandb_warns_and_trains_on(hf_gpt2_dir, small_data_dir, tmp_path, capsys, monkeypatch):
+    import wandb
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, tmp_path / "o")[:-1], "max_iters=2")
+    assert "warning: wandb is unavailable (ConnectionError); logging locally only" in capsys.readouterr().err
+    assert (tmp_path / "o" / "ckpt_last.pt").exists()
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo owned",))
+
+
+def test_checkpoint_carrying_pickled_code_is_refused(finished_run, capsys):
+    out, _ = finished_run
+    evil = dict(load_checkpoint(out / "ckpt.pt"), extra=Payload())
+    torch.save(evil, out / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="needs pickled code to load; refused"):
+        load_checkpoint(out / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        generate.main([f"out_dir={out}", "ckpt=best", "device=cpu"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"generate.py: error: {out}/ckpt.pt needs pickled code to load; refused (only tensors and plain data are loaded, for safety)")
+
+
+def test_checkpoint_of_another_format_version_is_refused(finished_run):
+    out, _ = finished_run
+    torch.save(dict(load_checkpoint(out / "ckpt.pt"), version=99), out / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="has checkpoint format 99; this code reads format 1"):
+        load_checkpoint(out / "ckpt.pt")
+
+
+def test_debug_shows_the_exception(tmp_path):
+    from configurator import UsageError
+    with pytest.raises(UsageError, match="max_iters=0"):
+        run_train("init_from=scratch", f"out_dir={tmp_path}", "max_iters=0", "debug=true")
