@@ -9,7 +9,6 @@ Writes to out_dir: ckpt.pt (best validation loss), ckpt_last.pt (last iteration)
 (the latest state, to continue after an interruption), metrics.jsonl, and at the end the test
 accuracy of both checkpoints (results.json, predictions.json).
 """
-import json
 import math
 import os
 import re
@@ -24,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import UsageError, autocast, fail, parse_flags, resolve_device, resolve_dtype
 from dataloader import PROMPT_TEMPLATES, CustomDataLoader, DataError, load_rotten_tomatoes
 from lora import mark_only_lora_as_trainable
-from model import (GPT, IGNORE_INDEX, CheckpointError, GPTConfig, atomic_write, describe_parameters,
-                   load_checkpoint, save_checkpoint)
+from model import (GPT, IGNORE_INDEX, CheckpointError, GPTConfig, describe_parameters, load_checkpoint,
+                   save_checkpoint)
+from runlog import RunLog
 
 FLAGS = {
     "out_dir": ("out", "directory for checkpoints, metrics.jsonl and results"),
@@ -163,58 +163,6 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-class MetricsLog:
-    """metrics.jsonl, one JSON object per line; a line torn by a kill is dropped on resume."""
-
-    def __init__(self, path, resume_iter=None):
-        self.path = path
-        if resume_iter is None:
-            lines = []
-        else:
-            lines = [line for line in self.read(path) if line["iter"] <= resume_iter]
-        atomic_write(path, lambda f: f.write("".join(json.dumps(line) + "\n" for line in lines).encode()))
-
-    @staticmethod
-    def read(path):
-        rows = []
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass
-        return rows
-
-    def write(self, **row):
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def start_wandb(config):
-    """A wandb run when a key is configured or wandb_log is on; None (local logs) otherwise."""
-    key = os.environ.get("WANDB_API_KEY", "")
-    key_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")
-    if not key and os.path.isfile(key_file):
-        try:
-            with open(key_file, encoding="utf-8") as f:
-                key = json.load(f).get("wandb_api_key", "")
-        except (OSError, ValueError, AttributeError):
-            print("warning: wandb_api.json is unreadable; ignoring it", file=sys.stderr)
-    if not (key or config["wandb_log"]):
-        print(f"no wandb key: logging locally to {os.path.join(config['out_dir'], 'metrics.jsonl')}")
-        return None
-    try:
-        import wandb
-        if key:
-            os.environ["WANDB_API_KEY"] = key
-        return wandb.init(project=config["wandb_project"], dir=config["out_dir"], config=config,
-                          name=config["wandb_run_name"] or os.path.basename(os.path.abspath(config["out_dir"])))
-    except Exception as e:
-        print(f"warning: wandb is unavailable ({type(e).__name__}); logging locally only", file=sys.stderr)
-        return None
-
-
 @torch.no_grad()
 def validation_loss(model, loader, config, device, dtype):
     """Mean loss per target token over the validation split (eval mode: LoRA merged)."""
@@ -244,6 +192,63 @@ def main(argv):
         sys.exit(1)
 
 
+def setup_distributed(device):
+    """(rank, world size, device) under torchrun; (0, 1, device) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def make_optimizer(model, config, device, state):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in trainable if p.dim() >= 2], weight_decay=config["weight_decay"]),
+              dict(params=[p for p in trainable if p.dim() < 2], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]),
+                                  fused=device.startswith("cuda"))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        for group, fresh in zip(optimizer.param_groups, groups):  # flags given now win over saved ones
+            group.update(lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]),
+                         weight_decay=fresh["weight_decay"])
+    return optimizer
+
+
+def train_step(model, loader, optimizer, scaler, iter_num, config, rank, world, device, dtype):
+    """One optimizer step on the step's examples (this process's share); returns (loss, tokens)."""
+    step_examples = config["batch_size"] * config["gradient_accumulation_steps"]
+    examples = loader.train_examples(iter_num * step_examples, step_examples)
+    targets = sum(len(ids) - (1 if not config["mask_prompt"] else n_prompt) for ids, n_prompt in examples)
+    share = step_examples // world
+    mine = examples[rank * share:(rank + 1) * share]
+    micro = [mine[i:i + config["batch_size"]] for i in range(0, share, config["batch_size"])]
+    step_loss, tokens = torch.zeros((), device=device), 0
+    for k, batch in enumerate(micro):
+        x, y = loader.collate(batch)
+        tokens += x.numel()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = k == len(micro) - 1
+        with nullcontext() if world == 1 or last else model.no_sync():  # DDP syncs gradients once a step
+            with autocast(device, dtype):
+                _, loss = model(x, y, reduction="sum")
+            # normalised over the target tokens of the whole step; DDP averages over processes
+            loss = loss * world / targets
+            scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    if config["grad_clip"] > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config["grad_clip"])
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(step_loss)
+    return step_loss.item() / world, tokens * world
+
+
 def train(config, explicit):
     check_flags(config)
     out_dir = config["out_dir"]
@@ -260,56 +265,37 @@ def train(config, explicit):
         raise UsageError(f"out_dir={out_dir!r} holds an earlier run; continue it with resume=auto, "
                          "replace it with overwrite=true, or choose another out_dir")
     records = load_rotten_tomatoes(config["dataset"])  # bad data stops the run before any download or write
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
+    rank, world, device = setup_distributed(device)
     master = rank == 0
     step_examples = config["batch_size"] * config["gradient_accumulation_steps"]
     if step_examples % world:
         raise UsageError(f"batch_size x gradient_accumulation_steps = {step_examples} is not divisible by {world} processes")
     torch.manual_seed(config["seed"] + rank)
 
-    model = build_model(config, state).to(device)
-    block_size = model.config.block_size
-    loader = CustomDataLoader(records, block_size, config["prompt_template"], config["mask_prompt"], config["seed"])
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        remove_stale_temporaries(out_dir)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [dict(params=decay, weight_decay=config["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
-        lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]), fused=device.startswith("cuda"))
+    raw_model = build_model(config, state).to(device)
+    loader = CustomDataLoader(records, raw_model.config.block_size, config["prompt_template"],
+                              config["mask_prompt"], config["seed"])
+    optimizer = make_optimizer(raw_model, config, device, state)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
     iter_num, best_val_loss = 0, math.inf
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # flags given now win over the saved hyperparameters
-            group.update(lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]))
-            group["weight_decay"] = config["weight_decay"] if group["weight_decay"] else 0.0
         scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
         if master:
             set_rng_state(state["rng"], device)
-    raw_model = model
-    if config["compile"]:
-        model = torch.compile(model)
-    if ddp:
+    model = torch.compile(raw_model) if config["compile"] else raw_model
+    if world > 1:
         model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-
-    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), iter_num if state else None) if master else None
-    run = start_wandb(config) if master else None
+    log = None
     if master:
+        os.makedirs(out_dir, exist_ok=True)
+        remove_stale_temporaries(out_dir)
+        log = RunLog(config, iter_num if state else None)
         print(f"{config['init_from']} on {device} ({dtype}); {describe_parameters(raw_model)}")
         print(f"{step_examples} examples per step; {len(loader.examples['train'])} train, "
-              f"{len(loader.examples['validation'])} validation examples"
-              + (f"; {loader.truncated} reviews truncated to fit {block_size} tokens" if loader.truncated else ""))
+              f"{len(loader.examples['validation'])} validation examples" + (
+                  f"; {loader.truncated} reviews truncated to fit {raw_model.config.block_size} tokens"
+                  if loader.truncated else ""))
 
     def save_state(best=False):
         extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
@@ -323,79 +309,43 @@ def train(config, explicit):
         val_loss = validation_loss(raw_model, loader, config, device, dtype)
         if not math.isfinite(val_loss):
             raise Diverged(f"validation loss is {val_loss} at iteration {iter_num}; checkpoints left as they were")
-        improved = val_loss < best_val_loss
-        best_val_loss = min(best_val_loss, val_loss)
+        improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
         if master:
-            metrics.write(iter=iter_num, val_loss=val_loss, elapsed=round(time.time() - t0, 2))
-            if run:
-                run.log(dict(val_loss=val_loss), step=iter_num)
+            log.log(iter=iter_num, val_loss=val_loss, elapsed=round(time.time() - t0, 2))
             save_state(best=improved)
         return val_loss
 
     from tqdm.auto import tqdm
     t0 = time.time()
-    if state is None:
-        val_loss = evaluate()
-    else:
-        val_loss = state["best_val_loss"]
+    val_loss = evaluate() if state is None else best_val_loss
     with tqdm(total=config["max_iters"], initial=iter_num, desc="train", unit="step", disable=not master,
               file=sys.stderr) as bar:
         while iter_num < config["max_iters"]:
             t_step = time.time()
-            examples = loader.train_examples(iter_num * step_examples, step_examples)
-            targets = sum(len(ids) - 1 if not config["mask_prompt"] else len(ids) - n_prompt for ids, n_prompt in examples)
-            share = step_examples // world
-            mine = examples[rank * share:(rank + 1) * share]
-            micro = [mine[i:i + config["batch_size"]] for i in range(0, share, config["batch_size"])]
-            step_loss = torch.zeros((), device=device)
-            tokens = 0
-            for k, batch in enumerate(micro):
-                x, y = loader.collate(batch)
-                tokens += x.numel()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = nullcontext() if not ddp or k == len(micro) - 1 else model.no_sync()
-                with sync:
-                    with autocast(device, dtype):
-                        _, loss = model(x, y, reduction="sum")
-                    # normalised by the target tokens of the whole step; DDP averages over processes
-                    loss = loss * world / targets
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            if config["grad_clip"] > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, config["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ddp:
-                dist.all_reduce(step_loss)
-            train_loss = step_loss.item() / world
+            train_loss, tokens = train_step(model, loader, optimizer, scaler, iter_num, config, rank, world, device, dtype)
             if not math.isfinite(train_loss):
                 raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
             iter_num += 1
             step_time = time.time() - t_step
             if master:
-                metrics.write(iter=iter_num, train_loss=train_loss, lr=config["learning_rate"],
-                              tokens=tokens * world, step_time=round(step_time, 4), elapsed=round(time.time() - t0, 2))
-                if run:
-                    run.log(dict(train_loss=train_loss), step=iter_num)
+                log.log(iter=iter_num, train_loss=train_loss, lr=config["learning_rate"], tokens=tokens,
+                        step_time=round(step_time, 4), elapsed=round(time.time() - t0, 2))
             if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
                 val_loss = evaluate()
             elif master and config["ckpt_interval"] and iter_num % config["ckpt_interval"] == 0:
                 save_state()
             bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
-                            tok_s=f"{tokens * world / step_time:,.0f}", refresh=False)
+                            tok_s=f"{tokens / step_time:,.0f}", refresh=False)
             bar.update(1)
 
     if master:
-        extra = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config)
-        save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), raw_model, optimizer=optimizer.state_dict(), **extra)
+        save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), raw_model, optimizer=optimizer.state_dict(),
+                        iter_num=iter_num, best_val_loss=best_val_loss, config=config)
         print(f"done: {iter_num} steps in {time.time() - t0:.1f} s; best validation loss {best_val_loss:.4f}")
         if config["eval_test"]:
             test_accuracy(raw_model, loader, config, device, dtype)
-        if run:
-            run.finish()
-    if ddp:
+        log.finish()
+    if world > 1:
         dist.destroy_process_group()
 
 
