@@ -179,6 +179,14 @@ def resolve_dtype(dtype, device):
     return dtype
 
 
+def device_name(device):
+    """What the device is, for reports: the GPU's model name, or the device type."""
+    import torch
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return device
+
+
 def autocast(device, dtype):
     """Mixed precision for the forward pass; weights stay float32."""
     import torch

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from configurator import UsageError, autocast, fail, parse_flags, resolve_device, resolve_dtype
+from configurator import UsageError, autocast, device_name, fail, parse_flags, resolve_device, resolve_dtype
 from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, encode_prompts, get_tokenizer,
                         load_rotten_tomatoes)
 from model import GPT, CheckpointError, atomic_write, load_checkpoint
@@ -190,6 +190,7 @@ def run(config):
     trained_with = models[0][2]
     settings = {k: config[k] for k in ("max_new_tokens", "temperature", "top_k", "batch_size", "seed")}
     settings["init_from"] = config["init_from"]
+    settings["device"] = device_name(device)
     settings["dataset"] = config["dataset"] or trained_with.get("dataset", "rotten_tomatoes")
     settings["prompt_template"] = config["prompt_template"] or trained_with.get("prompt_template", "default")
     records = _select(load_rotten_tomatoes(settings["dataset"])[config["split"]], config["num_examples"], config["split"])

@@ -57,6 +57,7 @@ class RunLog:
         self.path = os.path.join(config["out_dir"], "metrics.jsonl")
         rows = [] if resume_iter is None else [r for r in read_metrics(self.path) if r["iter"] <= resume_iter]
         atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        self.elapsed_before = rows[-1]["elapsed"] if rows else 0.0  # seconds spent by earlier sessions
         self.wandb = start_wandb(config)
 
     def log(self, **row):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import UsageError, autocast, fail, parse_flags, resolve_device, resolve_dtype
+from configurator import UsageError, autocast, device_name, fail, parse_flags, resolve_device, resolve_dtype
 from dataloader import PROMPT_TEMPLATES, CustomDataLoader, DataError, load_rotten_tomatoes
 from lora import mark_only_lora_as_trainable
 from model import (GPT, IGNORE_INDEX, CheckpointError, GPTConfig, describe_parameters, load_checkpoint,
@@ -291,6 +291,8 @@ def train(config, explicit):
         os.makedirs(out_dir, exist_ok=True)
         remove_stale_temporaries(out_dir)
         log = RunLog(config, iter_num if state else None)
+        if state is not None:
+            print(f"resuming {out_dir} at iteration {iter_num} of {config['max_iters']}")
         print(f"{config['init_from']} on {device} ({dtype}); {describe_parameters(raw_model)}")
         print(f"{step_examples} examples per step; {len(loader.examples['train'])} train, "
               f"{len(loader.examples['validation'])} validation examples" + (
@@ -316,7 +318,7 @@ def train(config, explicit):
         return val_loss
 
     from tqdm.auto import tqdm
-    t0 = time.time()
+    t0 = time.time() - (log.elapsed_before if master else 0.0)  # elapsed counts across resumed sessions
     val_loss = evaluate() if state is None else best_val_loss
     with tqdm(total=config["max_iters"], initial=iter_num, desc="train", unit="step", disable=not master,
               file=sys.stderr) as bar:
@@ -354,7 +356,7 @@ def test_accuracy(model, loader, config, device, dtype):
     import generate
     settings = dict(prompt_template=config["prompt_template"], max_new_tokens=5, temperature=0.0,
                     top_k=0, batch_size=config["eval_batch_size"], seed=config["seed"],
-                    init_from=config["init_from"], dataset=config["dataset"])
+                    init_from=config["init_from"], dataset=config["dataset"], device=device_name(device))
     records = loader.records["test"]
     rows, sets = generate.evaluate(model, "Last Iter Checkpoint", records, ["generate"], settings, device, dtype)
     model.train()

@@ -1,0 +1,183 @@
+"""Reproduce the homework's experiments and write its tables and plots.
+
+    python report.py                                   # the whole grid on gpt2-medium (GPU advised)
+    python report.py runs=r16_a64,full max_iters=20    # a subset, shorter
+    python report.py init_from=gpt2 device=cpu max_iters=2 extra="batch_size=8 gradient_accumulation_steps=2"
+
+Each run is `python train.py config/<run>.py out_dir=<results_dir>/<run> resume=auto ...`: a finished
+run (its results.json holds both checkpoints) is skipped and an interrupted one resumes. Then it
+writes results.md (the tables), val_loss.png and val_loss_alpha.png (validation loss against
+iteration) and val_loss.json (the plotted numbers) into results_dir.
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import torch
+
+from configurator import fail, parse_flags
+from lora import mark_only_lora_as_trainable
+from model import GPT, GPTConfig, atomic_write, count_parameters, load_checkpoint
+from runlog import read_metrics
+
+RUNS = {
+    "r16_a64": "LoRA r=16, alpha=64",
+    "r128_a512": "LoRA r=128, alpha=512",
+    "r196_a784": "LoRA r=196, alpha=784",
+    "full": "Full fine-tuning (dropout 0.05)",
+    "r16_a256": "LoRA r=16, alpha=256",
+    "r128_a512_question": "LoRA r=128, alpha=512, 'question' prompt",
+}
+TABLES = [
+    ("Test accuracy across ranks, alpha = 4r (5.4)", ["r16_a64", "r128_a512", "r196_a784", "full"]),
+    ("A larger alpha at rank 16 (5.8)", ["r16_a64", "r16_a256", "full"]),
+    ("Prompt templates, r=128, alpha=512 (5.12)", ["r128_a512", "r128_a512_question"]),
+]
+PLOTS = {"val_loss.png": ("Validation loss across ranks, alpha = 4r", ["r16_a64", "r128_a512", "r196_a784", "full"]),
+         "val_loss_alpha.png": ("Validation loss: alpha at rank 16", ["r16_a64", "r16_a256", "full"])}
+FLAGS = {
+    "results_dir": ("results", "one directory per run goes here, and the tables and plots"),
+    "runs": ("all", f"comma-separated runs, or all: {', '.join(RUNS)}"),
+    "init_from": ("gpt2-medium", "the pretrained model for every run"),
+    "max_iters": (0, "optimizer steps per run; 0 = train.py's default"),
+    "dataset": ("rotten_tomatoes", "hub dataset name or local directory"),
+    "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
+    "zero_shot": (True, "also the zero-shot accuracy of init_from"),
+    "extra": ("", "more train.py flags for every run, space-separated"),
+}
+
+
+def read_results(out_dir):
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def is_finished(out_dir):
+    results = read_results(out_dir)
+    names = {r["checkpoint"] for r in results["results"]} if results else set()
+    return {"Best Val Checkpoint", "Last Iter Checkpoint"} <= names
+
+
+def run_command(cmd):
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        print("report.py: error: that command failed; rerun report.py to continue where it stopped", file=sys.stderr)
+        sys.exit(1)
+
+
+def run_grid(config, runs):
+    here = os.path.dirname(os.path.abspath(__file__))
+    common = [f"init_from={config['init_from']}", f"dataset={config['dataset']}", f"device={config['device']}"]
+    if config["zero_shot"]:
+        out_dir = os.path.join(config["results_dir"], "zero_shot")
+        if read_results(out_dir):
+            print(f"zero-shot: done already ({out_dir})")
+        else:
+            run_command([sys.executable, os.path.join(here, "generate.py"), f"out_dir={out_dir}", *common])
+    for run in runs:
+        out_dir = os.path.join(config["results_dir"], run)
+        if is_finished(out_dir):
+            print(f"{run}: done already ({out_dir})")
+            continue
+        cmd = [sys.executable, os.path.join(here, "train.py"), os.path.join(here, "config", f"{run}.py"),
+               f"out_dir={out_dir}", "resume=auto", "eval_test=true", *common, *shlex.split(config["extra"])]
+        if config["max_iters"]:
+            cmd.append(f"max_iters={config['max_iters']}")
+        run_command(cmd)
+
+
+def run_summary(out_dir):
+    """The numbers of one finished run for the tables."""
+    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt_last.pt"))
+    with torch.device("meta"):  # counts parameters without building weights
+        model = GPT(GPTConfig(**checkpoint["model_args"]))
+    if model.config.lora_rank > 0:
+        mark_only_lora_as_trainable(model)
+    trainable, total = count_parameters(model)
+    results = read_results(out_dir)
+    by_name = {r["checkpoint"]: r for r in results["results"] if r["method"] == "generate"}
+    metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    return dict(rank=model.config.lora_rank, alpha=model.config.lora_alpha, best=by_name["Best Val Checkpoint"],
+                last=by_name["Last Iter Checkpoint"], trainable=trainable, total=total,
+                seconds=metrics[-1]["elapsed"] if metrics else None, device=results["settings"].get("device", "?"),
+                iters=checkpoint["iter_num"])
+
+
+def table(runs, summaries):
+    lines = ["| run | r | alpha | test acc. (Best Val) | test acc. (Last Iter) | unparseable (best / last) "
+             "| trainable parameters | steps | train time | device |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        s = summaries.get(run)
+        if s is None:
+            lines.append(f"| {RUNS[run]} | not run yet | | | | | | | | |")
+            continue
+        alpha = f"{s['alpha']:g}" if s["rank"] else "-"
+        time_text = f"{s['seconds'] / 60:.1f} min" if s["seconds"] is not None else "?"
+        lines.append(f"| {RUNS[run]} | {s['rank']} | {alpha} | {s['best']['accuracy']:.4f} | {s['last']['accuracy']:.4f} "
+                     f"| {s['best']['unparseable']} / {s['last']['unparseable']} "
+                     f"| {s['trainable']:,} of {s['total']:,} ({100 * s['trainable'] / s['total']:.2f}%) "
+                     f"| {s['iters']} | {time_text} | {s['device']} |")
+    return lines
+
+
+def write_markdown(config, summaries):
+    lines = [f"# Results: {config['init_from']}", ""]
+    zero = read_results(os.path.join(config["results_dir"], "zero_shot"))
+    if zero:
+        r = zero["results"][0]
+        lines += ["## Zero-shot (5.3)", "", "| model | test accuracy | unparseable | device |", "|---|---|---|---|",
+                  f"| {config['init_from']} | {r['accuracy']:.4f} | {r['unparseable']} | {zero['settings'].get('device', '?')} |", ""]
+    for title, runs in TABLES:
+        lines += [f"## {title}", "", *table(runs, summaries), ""]
+    path = os.path.join(config["results_dir"], "results.md")
+    atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
+    return path
+
+
+def write_plots(results_dir, summaries):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for run in summaries:
+        rows = read_metrics(os.path.join(results_dir, run, "metrics.jsonl"))
+        series[run] = [[r["iter"], r["val_loss"]] for r in rows if "val_loss" in r]
+    for filename, (title, runs) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+        for run in runs:
+            if run in series:
+                ax.plot(*zip(*series[run]), marker="o", markersize=3, label=RUNS[run])
+        ax.set(xlabel="iteration", ylabel="validation loss (answer tokens)", title=title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+        fig.tight_layout()
+        atomic_write(os.path.join(results_dir, filename), lambda f: fig.savefig(f, format="png"))
+        plt.close(fig)
+    data = {filename: {RUNS[r]: series[r] for r in runs if r in series} for filename, (_, runs) in PLOTS.items()}
+    atomic_write(os.path.join(results_dir, "val_loss.json"), lambda f: f.write(json.dumps(data, indent=1).encode()))
+
+
+def main(argv):
+    config, _ = parse_flags("report.py", FLAGS, argv, __doc__)
+    runs = list(RUNS) if config["runs"] == "all" else [r.strip() for r in config["runs"].split(",") if r.strip()]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown or not runs:
+        fail("report.py", f"runs={config['runs']!r}: expected all or a comma-separated list of {', '.join(RUNS)}")
+    run_grid(config, runs)
+    summaries = {run: run_summary(os.path.join(config["results_dir"], run))
+                 for run in RUNS if is_finished(os.path.join(config["results_dir"], run))}
+    path = write_markdown(config, summaries)
+    write_plots(config["results_dir"], summaries)
+    print(f"wrote {path}, val_loss.png, val_loss_alpha.png and val_loss.json")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,101 @@
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import report
+from conftest import ROOT
+from runlog import read_metrics
+
+TINY = "batch_size=8 gradient_accumulation_steps=2 eval_interval=1"
+
+
+def run_report(results, hf_dir, data_dir, *flags):
+    cmd = [sys.executable, "report.py", f"results_dir={results}", f"init_from={hf_dir}", f"dataset={data_dir}",
+           "device=cpu", "max_iters=2", f"extra={TINY}", *flags]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(markdown, label):
+    return [line for line in markdown.splitlines() if line.startswith(f"| {label} |")]
+
+
+def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
+    results = tmp_path / "results"
+    # an interrupted run: trained 1 of 2 steps, no test accuracy yet
+    interrupted = subprocess.run(
+        [sys.executable, "train.py", "config/full.py", f"out_dir={results / 'full'}", f"init_from={hf_gpt2_dir}",
+         f"dataset={small_data_dir}", "device=cpu", "max_iters=1", "eval_test=false", *TINY.split()],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert interrupted.returncode == 0, interrupted.stderr[-2000:]
+
+    out = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full")
+    assert f"resuming {results / 'full'} at iteration 1 of 2" in out
+    markdown = (results / "results.md").read_text()
+    for run in ("r16_a64", "full"):
+        saved = json.loads((results / run / "results.json").read_text())["results"]
+        best = next(r for r in saved if r["checkpoint"] == "Best Val Checkpoint")
+        last = next(r for r in saved if r["checkpoint"] == "Last Iter Checkpoint")
+        rows = table_rows(markdown, report.RUNS[run])
+        assert len(rows) == (2 if run in ("r16_a64", "full") else 1)
+        cells = [c.strip() for c in rows[0].strip("|").split("|")]
+        assert cells[3:6] == [f"{best['accuracy']:.4f}", f"{last['accuracy']:.4f}",
+                              f"{best['unparseable']} / {last['unparseable']}"]
+        assert cells[6] == ("12,288 of 3,345,216 (0.37%)" if run == "r16_a64" else "3,332,928 of 3,332,928 (100.00%)")
+        assert cells[7] == "2" and cells[9] == "cpu"
+    assert table_rows(markdown, report.RUNS["r196_a784"]) == [f"| {report.RUNS['r196_a784']} | not run yet | | | | | | | | |"]
+    zero = json.loads((results / "zero_shot" / "results.json").read_text())["results"][0]
+    assert f"| {hf_gpt2_dir} | {zero['accuracy']:.4f} | {zero['unparseable']} | cpu |" in markdown
+    full_metrics = read_metrics(results / "full" / "metrics.jsonl")
+    assert [r["iter"] for r in full_metrics if "val_loss" in r] == [0, 1, 2]  # resumed, not restarted
+
+    stamps = {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")}
+    again = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full")
+    assert "zero-shot: done already" in again and "r16_a64: done already" in again and "full: done already" in again
+    assert "train.py" not in again
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")} == stamps
+
+    plotted = json.loads((results / "val_loss.json").read_text())
+    for run in ("r16_a64", "full"):
+        metrics = read_metrics(results / run / "metrics.jsonl")
+        assert plotted["val_loss.png"][report.RUNS[run]] == [[r["iter"], r["val_loss"]] for r in metrics if "val_loss" in r]
+    assert set(plotted["val_loss_alpha.png"]) == {report.RUNS["r16_a64"], report.RUNS["full"]}
+    for name in ("val_loss.png", "val_loss_alpha.png"):
+        image = matplotlib.image.imread(results / name)
+        assert image.shape[:2] == (500, 800) and image.std() > 0
+
+
+def test_unknown_run_is_a_usage_error(tmp_path):
+    result = subprocess.run([sys.executable, "report.py", "runs=r16_a64,r99", f"results_dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("report.py: error: runs='r16_a64,r99': expected all or a comma-separated list of r16_a64")
+    assert os.listdir(tmp_path) == []
+
+
+def test_colab_notebook_runs_headless(hf_gpt2_dir, data_dir, tmp_path):
+    nb = nbformat.read(ROOT / "run_in_colab.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed clean
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    results = tmp_path / "results"
+    params.source = "\n".join([
+        f"MODEL = {str(hf_gpt2_dir)!r}", "MAX_ITERS = 2", "RUNS = 'r16_a64'", f"RESULTS_DIR = {str(results)!r}",
+        f"DATASET = {str(data_dir)!r}", "DEVICE = 'cpu'", f"EXTRA = {TINY + ' eval_iters=2'!r}", "USE_WANDB = False",
+        "REPO_URL = ''"])
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    markdown = (results / "results.md").read_text()
+    assert "## Zero-shot" in markdown
+    for run, runs_now in report.RUNS.items():
+        for row in table_rows(markdown, runs_now):
+            assert ("not run yet" in row) == (run != "r16_a64")
+    plotted = json.loads((results / "val_loss.json").read_text())
+    assert list(plotted["val_loss.png"]) == list(plotted["val_loss_alpha.png"]) == [report.RUNS["r16_a64"]]
+    shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "display_data"]
+    assert sum("image/png" in o["data"] for o in shown) == 2 and sum("text/markdown" in o["data"] for o in shown) == 1
