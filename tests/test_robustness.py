@@ -50,6 +50,13 @@ def losses(out_dir):
     return [{k: r[k] for k in ("iter", "train_loss", "val_loss") if k in r} for r in rows]
 
 
+@pytest.fixture(scope="module")
+def straight_run(hf_gpt2_dir, small_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1])
+    return out
+
+
 @pytest.mark.parametrize("target, nth, moment", [
     ("validation_loss", 1, "before the first evaluation"),
     ("atomic_write", 1, "while writing the first ckpt.pt"),
@@ -57,9 +64,9 @@ def losses(out_dir):
     ("validation_loss", 2, "after the first checkpoints, before the second evaluation"),
     ("atomic_write", 4, "while writing the second resume.pt"),
 ])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(hf_gpt2_dir, small_data_dir, tmp_path, target, nth, moment):
-    straight = tmp_path / "straight"
-    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, straight)[:-1])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(straight_run, hf_gpt2_dir, small_data_dir, tmp_path,
+                                                        target, nth, moment):
+    straight = straight_run
     out = tmp_path / "killed"
     flags = tiny_run_flags(hf_gpt2_dir, small_data_dir, out)
     killed = subprocess.run([sys.executable, "-c", KILLER, target, str(nth), *flags], cwd=ROOT,
