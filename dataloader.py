@@ -178,9 +178,12 @@ class CustomDataLoader:
         return x, y
 
     def batches(self, split, batch_size, max_batches=0):
-        """(x, y) batches over a whole split in order (max_batches > 0 stops early)."""
+        """(x, y) batches over a whole split, grouped by length to pad little; with max_batches > 0,
+        only the first max_batches batches of the split in its own order."""
         examples = self.examples[split]
-        for b, start in enumerate(range(0, len(examples), batch_size)):
-            if max_batches and b >= max_batches:
-                return
+        if max_batches:
+            examples = examples[:max_batches * batch_size]
+        else:
+            examples = sorted(examples, key=lambda e: len(e[0]))
+        for start in range(0, len(examples), batch_size):
             yield self.collate(examples[start:start + batch_size])

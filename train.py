@@ -142,7 +142,10 @@ def build_model(config, state):
                               n_embd=config["n_embd"], dropout=config["dropout"]))
     else:
         lora = {k: config[k] for k in ("lora_rank", "lora_alpha", "lora_dropout")}
-        model = GPT.from_pretrained(config["init_from"], dict(dropout=config["dropout"], **lora))
+        try:
+            model = GPT.from_pretrained(config["init_from"], dict(dropout=config["dropout"], **lora))
+        except ValueError as e:
+            raise UsageError(f"init_from={config['init_from']!r}: {e}") from None
     if model.config.lora_rank > 0:
         mark_only_lora_as_trainable(model)
     if state is not None:  # resume.pt holds the trainable parameters; the rest is init_from
@@ -223,7 +226,8 @@ def train_step(model, loader, optimizer, scaler, iter_num, config, rank, world, 
     examples = loader.train_examples(iter_num * step_examples, step_examples)
     targets = sum(len(ids) - (1 if not config["mask_prompt"] else n_prompt) for ids, n_prompt in examples)
     share = step_examples // world
-    mine = examples[rank * share:(rank + 1) * share]
+    # micro-batches of similar length pad less; the step's examples, and so its update, stay the same
+    mine = sorted(examples[rank * share:(rank + 1) * share], key=lambda e: len(e[0]))
     micro = [mine[i:i + config["batch_size"]] for i in range(0, share, config["batch_size"])]
     step_loss, tokens = torch.zeros((), device=device), 0
     for k, batch in enumerate(micro):

@@ -137,3 +137,18 @@ def test_missing_split_non_utf8_and_missing_directory(tmp_path):
         load_rotten_tomatoes(str(d))
     with pytest.raises(DataError, match="dataset directory ./no/such/dir does not exist"):
         load_rotten_tomatoes("./no/such/dir")
+
+
+def test_batches_cover_the_split_once(data_dir):
+    loader = CustomDataLoader(str(data_dir), block_size=1024)
+    seen, padding = [], 0
+    for x, y in loader.batches("validation", 64):
+        for row in range(x.size(0)):
+            n = int((y[row] != IGNORE_INDEX).nonzero().max()) + 2  # prompt + answer length
+            seen.append(x[row, :n - 1].tolist())
+            padding += x.size(1) - (n - 1)
+    assert sorted(seen) == sorted(ids[:-1] for ids, _ in loader.examples["validation"])
+    assert padding < 0.05 * sum(len(s) for s in seen)  # grouped by length: little padding
+    x, _ = next(loader.batches("validation", 8, max_batches=1))
+    assert x[0, :len(loader.examples["validation"][0][0]) - 1].tolist() == loader.examples["validation"][0][0][:-1]
+    assert len(list(loader.batches("validation", 8, max_batches=3))) == 3

@@ -11,6 +11,7 @@ from nbclient import NotebookClient
 import report
 from conftest import ROOT
 from runlog import read_metrics
+from test_robustness import KILLER
 
 TINY = "batch_size=8 gradient_accumulation_steps=2 eval_interval=1"
 
@@ -29,15 +30,15 @@ def table_rows(markdown, label):
 
 def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     results = tmp_path / "results"
-    # an interrupted run: trained 1 of 2 steps, no test accuracy yet
-    interrupted = subprocess.run(
-        [sys.executable, "train.py", "config/full.py", f"out_dir={results / 'full'}", f"init_from={hf_gpt2_dir}",
-         f"dataset={small_data_dir}", "device=cpu", "max_iters=1", "eval_test=false", *TINY.split()],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert interrupted.returncode == 0, interrupted.stderr[-2000:]
+    # the full run as report.py starts it, killed at its second evaluation (after iteration 1)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, "validation_loss", "2", "config/full.py", f"out_dir={results / 'full'}",
+         "resume=auto", "eval_test=true", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", "device=cpu",
+         *TINY.split(), "max_iters=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
 
     out = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full")
-    assert f"resuming {results / 'full'} at iteration 1 of 2" in out
+    assert f"resuming {results / 'full'} at iteration 0 of 2" in out
     markdown = (results / "results.md").read_text()
     for run in ("r16_a64", "full"):
         saved = json.loads((results / run / "results.json").read_text())["results"]
@@ -54,7 +55,8 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     zero = json.loads((results / "zero_shot" / "results.json").read_text())["results"][0]
     assert f"| {hf_gpt2_dir} | {zero['accuracy']:.4f} | {zero['unparseable']} | cpu |" in markdown
     full_metrics = read_metrics(results / "full" / "metrics.jsonl")
-    assert [r["iter"] for r in full_metrics if "val_loss" in r] == [0, 1, 2]  # resumed, not restarted
+    assert [r["iter"] for r in full_metrics if "val_loss" in r] == [0, 1, 2]
+    assert [r["iter"] for r in full_metrics if "train_loss" in r] == [1, 2]  # resumed, not restarted twice
 
     stamps = {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")}
     again = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full")

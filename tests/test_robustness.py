@@ -10,6 +10,7 @@ import torch
 import generate
 from conftest import ROOT, run_train
 from model import CheckpointError, load_checkpoint
+from runlog import read_metrics
 
 KILLER = r"""
 import os, signal, sys
@@ -245,3 +246,25 @@ def test_debug_shows_the_exception(tmp_path):
     from configurator import UsageError
     with pytest.raises(UsageError, match="max_iters=0"):
         run_train("init_from=scratch", f"out_dir={tmp_path}", "max_iters=0", "debug=true")
+
+
+def test_unknown_model_name_is_one_line(tmp_path, small_data_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        run_train("init_from=gpt2-mediun", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'o'}")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert err.startswith("train.py: error: init_from='gpt2-mediun': cannot load GPT-2 weights from 'gpt2-mediun': "
+                          "expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a local Hugging Face GPT-2 directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_torn_metrics_line_is_repaired_on_resume(finished_run, hf_gpt2_dir, small_data_dir):
+    out, _ = finished_run
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 5, "train_lo')  # a kill in the middle of a line
+    assert read_metrics(out / "metrics.jsonl")[-1]["iter"] == 4  # readers skip it
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]  # every line parses again
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4, 6]
