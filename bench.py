@@ -1,0 +1,235 @@
+"""Speed of training and evaluation: this project against Hugging Face transformers + PEFT, side by
+side in one run, on random weights of the gpt2-medium shape (nothing to download).
+
+    python bench.py                      # on the current device; prints a table, writes bench.json
+    python bench.py smoke=true           # a tiny model and a few steps: checks that it all runs
+
+Both sides get the same weights and the same batches of real review lengths (from `dataset`, a local
+directory with the three JSONL splits; synthetic reviews of the same lengths when it is missing).
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+import generate
+import train
+from configurator import autocast, device_name, parse_flags, resolve_device, resolve_dtype
+from dataloader import SPLITS, CustomDataLoader, get_tokenizer
+from lora import mark_only_lora_as_trainable
+from model import GPT, GPTConfig
+
+FLAGS = {
+    "smoke": (False, "a tiny model, a few steps and reviews: checks that the benchmark runs (CPU, seconds)"),
+    "dataset": (os.environ.get("ROTTEN_TOMATOES_DIR", ""), "local directory with train/validation/test.jsonl"),
+    "batch_size": (64, "reviews per training step (one micro-batch)"),
+    "steps": (10, "timed training steps (after 3 untimed)"),
+    "eval_batch_size": (256, "reviews per batch for batched evaluation"),
+    "one_at_a_time": (30, "reviews generated one at a time (the per-review time is measured on these)"),
+    "end_to_end": (True, "also time one default train.py experiment, model construction and test accuracy included"),
+    "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
+    "dtype": ("auto", "auto, float32, bfloat16 or float16"),
+    "out": ("bench.json", "where the numbers go"),
+}
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L4": 121, "T4": 65}  # dense bf16 (T4: fp16) tensor cores
+MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024)
+TINY = dict(n_layer=2, n_head=4, n_embd=64)
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def review_data(dataset):
+    """The three splits, real when dataset names a local copy, else synthetic of similar lengths."""
+    if dataset and os.path.isdir(dataset):
+        return dataset
+    generator = torch.Generator().manual_seed(0)
+    words = ["good", "bad", "film", "story", "actors", "dull", "moving", "the", "a", "and", "is", ","]
+    def review():
+        n = int(torch.randint(8, 45, (1,), generator=generator))
+        return " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=generator))
+    print("no local dataset: synthetic reviews of similar lengths")
+    return {s: [dict(text=review(), label=i % 2) for i in range(n)] for s, n in zip(SPLITS, (1024, 256, 1066))}
+
+
+def hf_and_ours(shape, lora_rank, device):
+    """A random Hugging Face GPT-2 (+ PEFT LoRA on c_attn) and ours with the same weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape))
+    ours = GPT(GPTConfig(lora_rank=lora_rank, lora_alpha=4.0 * lora_rank, lora_dropout=0.05, **shape))
+    ours.load_hf_state_dict(hf.state_dict())
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+        hf = get_peft_model(hf, LoraConfig(r=lora_rank, lora_alpha=4 * lora_rank, lora_dropout=0.05,
+                                           target_modules=["c_attn"], fan_in_fan_out=True))
+        mark_only_lora_as_trainable(ours)
+    return hf.to(device), ours.to(device)
+
+
+def hf_inputs(x, y):
+    """HF shifts labels itself: one extra input column lets it score y's last position too."""
+    pad = torch.nn.functional.pad
+    lengths = (y != -100).cumsum(1).argmax(1) + 1
+    mask = torch.arange(x.size(1) + 1, device=x.device)[None] < lengths[:, None]
+    return dict(input_ids=pad(x, (0, 1), value=50256), attention_mask=mask.long(), labels=pad(y, (1, 0), value=-100))
+
+
+def time_training(model, batches, hf, device, dtype, warmup=3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
+    model.train()
+    losses = []
+    def step(x, y):
+        with autocast(device, dtype):
+            loss = model(**hf_inputs(x, y)).loss if hf else model(x, y)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    for x, y in batches[:warmup]:
+        step(x, y)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    start = time.perf_counter()
+    for x, y in batches[warmup:]:
+        losses.append(step(x, y))
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
+    return seconds, memory, float(torch.stack(losses).float().mean())
+
+
+def training_flops_per_token(shape, lora_rank, tokens_per_review, targets_per_review):
+    """Honest counts: frozen matmuls cost 2x their forward (input gradients only), trained ones 3x."""
+    L, C, V = shape["n_layer"], shape["n_embd"], 50257
+    body = 2 * 12 * L * C * C                     # q, k, v, proj and the MLP, forward
+    attention = 2 * L * C * tokens_per_review     # scores and values over the causal context, forward
+    head = 2 * V * C * targets_per_review / tokens_per_review  # lm_head only where there is a target
+    if lora_rank == 0:
+        return 3 * (body + attention + head)
+    return 2 * (body + head) + 3 * attention + 3 * 12 * L * C * lora_rank
+
+
+def peak_tflops(name):
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def bench_training(shape, loader, config, device, dtype, name):
+    rows = []
+    n = config["batch_size"]
+    examples = loader.train_examples(0, n * (config["steps"] + 3))
+    batches = [tuple(t.to(device) for t in loader.collate(sorted(examples[i:i + n], key=lambda e: len(e[0]))))
+               for i in range(0, len(examples), n)]
+    tokens = sum(len(ids) - 1 for ids, _ in examples[3 * n:])
+    targets = sum(len(ids) - p for ids, p in examples[3 * n:])
+    for rank, label in ((128, "LoRA r=128"), (0, "full fine-tuning")):
+        hf, ours = hf_and_ours(shape, rank, device)
+        timed_reviews = len(examples) - 3 * n
+        flops = training_flops_per_token(shape, rank, tokens / timed_reviews, targets / timed_reviews)
+        for who, model in (("ours", ours), ("transformers+peft" if rank else "transformers", hf)):
+            seconds, memory, loss = time_training(model, batches, model is hf, device, dtype)
+            peak = peak_tflops(name)
+            rows.append(dict(what=f"train {label}", who=who, tokens_per_s=tokens / seconds,
+                             reviews_per_s=config["steps"] * n / seconds, step_ms=1000 * seconds / config["steps"],
+                             peak_memory_gib=memory, loss=loss,
+                             mfu=flops * tokens / seconds / (peak * 1e12) if peak else None))
+        rows[-2]["speedup"] = rows[-2]["tokens_per_s"] / rows[-1]["tokens_per_s"]
+        del hf, ours
+    return rows
+
+
+def bench_evaluation(shape, loader, config, device, dtype):
+    hf, ours = hf_and_ours(shape, 128, device)
+    hf, ours = hf.merge_and_unload().eval(), ours.eval()
+    records = loader.records["test"]
+    prompts = [ids[:p] for ids, p in loader.examples["test"]]
+    rows = []
+    synchronize(device)
+    start = time.perf_counter()
+    generate.predict_labels(ours, records, batch_size=config["eval_batch_size"], device=device, dtype=dtype)
+    synchronize(device)
+    rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who="ours", seconds=time.perf_counter() - start))
+
+    def hf_generate(batch):
+        T = max(map(len, batch))
+        ids = torch.tensor([[50256] * (T - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch], device=device)
+        with torch.no_grad(), autocast(device, dtype):
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=50256)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    start = time.perf_counter()
+    for i in range(0, len(order), config["eval_batch_size"]):
+        hf_generate([prompts[j] for j in order[i:i + config["eval_batch_size"]]])
+    synchronize(device)
+    rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who="transformers", seconds=time.perf_counter() - start))
+    for who, one in (("ours", lambda p: ours.generate_batch([p], 5)), ("transformers", lambda p: hf_generate([p]))):
+        start = time.perf_counter()
+        for p in prompts[:config["one_at_a_time"]]:
+            one(p)
+        synchronize(device)
+        per_review = (time.perf_counter() - start) / config["one_at_a_time"]
+        rows.append(dict(what=f"evaluate one review at a time (mean of {config['one_at_a_time']})", who=who,
+                         seconds=per_review, ms_per_review=1000 * per_review))
+    return rows
+
+
+def bench_end_to_end(shape, dataset, config, device):
+    """One default experiment: 80 steps with evaluations, then test accuracy of both checkpoints."""
+    if not isinstance(dataset, str):
+        return [dict(what="default experiment end to end", who="ours", skipped="needs a local dataset directory")]
+    from transformers import GPT2Config, GPT2LMHeadModel
+    with tempfile.TemporaryDirectory() as tmp:
+        GPT2LMHeadModel(GPT2Config(n_positions=1024, **shape)).save_pretrained(os.path.join(tmp, "model"))
+        flags = [f"init_from={tmp}/model", f"dataset={dataset}", f"out_dir={tmp}/run", f"device={device}"]
+        if config["smoke"]:
+            flags += ["max_iters=2", "batch_size=8", "gradient_accumulation_steps=1", "eval_iters=2"]
+        start = time.perf_counter()
+        train.main(flags)
+        seconds = time.perf_counter() - start
+    return [dict(what="default experiment end to end", who="ours", seconds=seconds)]
+
+
+def print_table(rows):
+    print(f"\n{'what':<48} {'who':<18} {'tokens/s':>10} {'step ms':>8} {'GiB':>6} {'MFU':>6} {'seconds':>8} {'x':>5}")
+    for r in rows:
+        cells = [f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "", f"{r['step_ms']:.1f}" if "step_ms" in r else "",
+                 f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else "", f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "",
+                 f"{r['seconds']:.3f}" if "seconds" in r else r.get("skipped", ""), f"{r['speedup']:.2f}" if "speedup" in r else ""]
+        print(f"{r['what']:<48} {r['who']:<18} {cells[0]:>10} {cells[1]:>8} {cells[2]:>6} {cells[3]:>6} {cells[4]:>8} {cells[5]:>5}")
+
+
+def main(argv):
+    config, _ = parse_flags("bench.py", FLAGS, argv, __doc__)
+    if config["smoke"]:
+        config.update(batch_size=8, steps=2, eval_batch_size=16, one_at_a_time=2)
+    device = resolve_device(config["device"])
+    dtype = resolve_dtype(config["dtype"], device)
+    name = device_name(device)
+    shape = TINY if config["smoke"] else MEDIUM
+    dataset = review_data(config["dataset"])
+    loader = CustomDataLoader(dataset)
+    if config["smoke"]:
+        loader.records["test"], loader.examples["test"] = loader.records["test"][:24], loader.examples["test"][:24]
+    print(f"bench on {name} ({dtype}), model {shape}, torch {torch.__version__}")
+    rows = bench_training(shape, loader, config, device, dtype, name)
+    rows += bench_evaluation(shape, loader, config, device, dtype)
+    if config["end_to_end"]:
+        rows += bench_end_to_end(shape, dataset, config, device)
+    print_table(rows)
+    result = dict(device=name, dtype=dtype, torch=torch.__version__, shape=shape, settings=config, rows=rows,
+                  date=time.strftime("%Y-%m-%d"))
+    with open(config["out"], "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {config['out']}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

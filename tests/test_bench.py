@@ -1,0 +1,34 @@
+import json
+
+import bench
+
+
+def test_smoke_run_writes_every_measurement(data_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["smoke=true", f"out={out}", f"dataset={data_dir}", "device=cpu"])
+    result = json.loads(out.read_text())
+    rows = {(r["what"], r["who"]): r for r in result["rows"]}
+    for what, who in [("train LoRA r=128", "ours"), ("train LoRA r=128", "transformers+peft"),
+                      ("train full fine-tuning", "ours"), ("train full fine-tuning", "transformers")]:
+        row = rows[(what, who)]
+        assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["reviews_per_s"] > 0
+        assert row["mfu"] is None and row["peak_memory_gib"] is None  # no peak known for a CPU
+    assert rows[("train LoRA r=128", "ours")]["speedup"] > 0
+    # same weights, same batches, same optimizer: full fine-tuning must agree on the loss
+    ours, theirs = rows[("train full fine-tuning", "ours")]["loss"], rows[("train full fine-tuning", "transformers")]["loss"]
+    assert abs(ours - theirs) < 1e-4 * abs(theirs)
+    for who in ("ours", "transformers"):
+        assert rows[("evaluate 24 reviews, batched", who)]["seconds"] > 0
+        assert rows[("evaluate one review at a time (mean of 2)", who)]["ms_per_review"] > 0
+    assert rows[("default experiment end to end", "ours")]["seconds"] > 0
+    assert result["device"] == "cpu" and result["shape"] == bench.TINY
+
+
+def test_flops_per_token_counts():
+    shape = bench.MEDIUM
+    full = bench.training_flops_per_token(shape, 0, 50, 2)
+    lora = bench.training_flops_per_token(shape, 128, 50, 2)
+    body = 2 * 12 * 24 * 1024 ** 2
+    assert full == 3 * (body + 2 * 24 * 1024 * 50 + 2 * 50257 * 1024 * 2 / 50)
+    assert lora == 2 * (body + 2 * 50257 * 1024 * 2 / 50) + 3 * 2 * 24 * 1024 * 50 + 3 * 12 * 24 * 1024 * 128
+    assert 4 * 12 * 24 * 1024 ** 2 < lora < full
