@@ -180,21 +180,6 @@ def validation_loss(model, loader, config, device, dtype):
     return total.item() / count
 
 
-def main(argv):
-    config, explicit = parse_flags("train.py", FLAGS, argv, __doc__)
-    try:
-        return train(config, explicit)
-    except (UsageError, DataError, CheckpointError) as e:
-        if config["debug"]:
-            raise
-        fail("train.py", str(e))
-    except (Diverged, OSError) as e:  # not a usage error: exit status 1
-        if config["debug"]:
-            raise
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 def setup_distributed(device):
     """(rank, world size, device) under torchrun; (0, 1, device) otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -367,6 +352,21 @@ def test_accuracy(model, loader, config, device, dtype):
     model.load_state_dict(load_checkpoint(os.path.join(config["out_dir"], "ckpt.pt"), device)["model"])
     best_rows, best_sets = generate.evaluate(model, "Best Val Checkpoint", records, ["generate"], settings, device, dtype)
     generate.write_results(config["out_dir"], "test", settings, best_rows + rows, best_sets + sets)
+
+
+def main(argv):
+    config, explicit = parse_flags("train.py", FLAGS, argv, __doc__)
+    try:
+        return train(config, explicit)
+    except (UsageError, DataError, CheckpointError) as e:
+        if config["debug"]:
+            raise
+        fail("train.py", str(e))
+    except (Diverged, OSError) as e:  # not a usage error: exit status 1
+        if config["debug"]:
+            raise
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
