@@ -59,7 +59,7 @@ def read_results(out_dir):
 
 def is_finished(out_dir):
     results = read_results(out_dir)
-    names = {r["checkpoint"] for r in results["results"]} if results else set()
+    names = {r["checkpoint"] for r in results["results"] if r["method"] == "generate"} if results else set()
     return {"Best Val Checkpoint", "Last Iter Checkpoint"} <= names
 
 

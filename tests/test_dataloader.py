@@ -152,3 +152,33 @@ def test_batches_cover_the_split_once(data_dir):
     x, _ = next(loader.batches("validation", 8, max_batches=1))
     assert x[0, :len(loader.examples["validation"][0][0]) - 1].tolist() == loader.examples["validation"][0][0][:-1]
     assert len(list(loader.batches("validation", 8, max_batches=3))) == 3
+
+
+def test_hub_path_reads_a_dataset_dict(data_dir, monkeypatch):
+    import datasets
+    load_json = datasets.load_dataset
+
+    def fake_hub(name):
+        assert name == "cornell-movie-review-data/rotten_tomatoes"  # what "rotten_tomatoes" resolves to
+        return load_json("json", data_files={s: str(data_dir / f"{s}.jsonl") for s in ("train", "validation", "test")})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    splits = load_rotten_tomatoes("rotten_tomatoes")
+    assert splits == load_rotten_tomatoes(str(data_dir))
+
+
+def test_hub_rows_are_checked_and_hub_failures_are_one_line(monkeypatch):
+    import datasets
+    bad = datasets.DatasetDict({s: datasets.Dataset.from_list([{"text": "ok", "label": 1}, {"text": "", "label": 0}])
+                                for s in ("train", "validation", "test")})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: bad)
+    with pytest.raises(DataError, match="^train split: some/dataset row 1: 'text' is missing or empty$"):
+        load_rotten_tomatoes("some/dataset")
+
+    def offline(name):
+        raise ConnectionError("Couldn't reach the hub\nmore details")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as e:
+        load_rotten_tomatoes("rotten_tomatoes")
+    assert str(e.value) == ("cannot load dataset 'rotten_tomatoes' from the hub (Couldn't reach the hub); "
+                            "a local directory with train/validation/test.jsonl also works")
