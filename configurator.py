@@ -126,7 +126,7 @@ def _parse(flags, argv):
 
 def help_text(prog, flags, summary):
     width = max(len(f"{k}={d!r}") for k, (d, _) in flags.items())
-    lines = [f"usage: python {prog} [config_file.py] [key=value ...]", "", summary, "",
+    lines = [f"usage: python {prog} [config_file.py] [key=value ...]", "", summary.strip(), "",
              "flags (also --key=value or --key value; '-' and '_' are interchangeable):"]
     lines += [f"  {f'{k}={d!r}':<{width}}  {h}" for k, (d, h) in flags.items()]
     aliases = [f"{a} = {k}" for a, k in ALIASES.items() if k in flags]

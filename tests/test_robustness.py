@@ -43,7 +43,7 @@ train.main(sys.argv[3:])
 def tiny_run_flags(hf_dir, data_dir, out_dir):
     return [f"init_from={hf_dir}", f"dataset={data_dir}", f"out_dir={out_dir}", "max_iters=4", "eval_interval=2",
             "rank=8", "alpha=32", "lr=1e-2", "lora_dropout=0.1", "dropout=0.1", "batch_size=8",
-            "gradient_accumulation_steps=1", "eval_test=false", "device=cpu", "resume=auto"]
+            "gradient_accumulation_steps=1", "eval_batch_size=32", "eval_test=false", "device=cpu", "resume=auto"]
 
 
 def losses(out_dir):
@@ -64,6 +64,7 @@ def straight_run(hf_gpt2_dir, small_data_dir, tmp_path_factory):
     ("atomic_write", 2, "while writing the first resume.pt"),
     ("validation_loss", 2, "after the first checkpoints, before the second evaluation"),
     ("atomic_write", 4, "while writing the second resume.pt"),
+    ("validation_loss", 3, "after the second checkpoints: steps 1-2 of the killed process are kept"),
 ])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(straight_run, hf_gpt2_dir, small_data_dir, tmp_path,
                                                         target, nth, moment):
