@@ -18,7 +18,7 @@ import torch
 import generate
 import train
 from configurator import autocast, device_name, parse_flags, resolve_device, resolve_dtype
-from dataloader import SPLITS, CustomDataLoader, get_tokenizer
+from dataloader import SPLITS, CustomDataLoader
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig
 

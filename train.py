@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
 from configurator import UsageError, autocast, device_name, fail, parse_flags, resolve_device, resolve_dtype
 from dataloader import PROMPT_TEMPLATES, CustomDataLoader, DataError, load_rotten_tomatoes
@@ -304,9 +305,9 @@ def train(config, explicit):
         if master:
             log.log(iter=iter_num, val_loss=val_loss, elapsed=round(time.time() - t0, 2))
             save_state(best=improved)
+            tqdm.write(f"iter {iter_num}: validation loss {val_loss:.4f}" + (" (best so far: ckpt.pt)" if improved else ""))
         return val_loss
 
-    from tqdm.auto import tqdm
     t0 = time.time() - (log.elapsed_before if master else 0.0)  # elapsed counts across resumed sessions
     val_loss = evaluate() if state is None else best_val_loss
     with tqdm(total=config["max_iters"], initial=iter_num, desc="train", unit="step", disable=not master,

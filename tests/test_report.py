@@ -5,7 +5,6 @@ import sys
 
 import matplotlib.image
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 import report
