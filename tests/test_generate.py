@@ -143,3 +143,19 @@ def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
     assert e.value.code == 2 and "\n" not in err
     assert err.startswith(f"generate.py: error: {tmp_path / 'ckpt.pt'} is corrupt or truncated (")
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_checkpoint_template_is_the_default_and_sampling_is_seeded(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    out = tmp_path / "question"
+    run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=1",
+              "rank=8", "prompt_template=question")
+    generate.main([f"out_dir={out}", "ckpt=last", "device=cpu"])
+    assert json.loads((out / "results.json").read_text())["settings"]["prompt_template"] == "question"
+    sampled = []
+    for _ in range(2):
+        generate.main([f"out_dir={out}", "ckpt=last", "device=cpu", "temperature=1.5", "top_k=50", "seed=7"])
+        sampled.append([r["continuation"] for r in json.loads((out / "predictions.json").read_text())[0]["records"]])
+    assert sampled[0] == sampled[1]
+    generate.main([f"out_dir={out}", "ckpt=last", "device=cpu"])
+    greedy = [r["continuation"] for r in json.loads((out / "predictions.json").read_text())[0]["records"]]
+    assert greedy != sampled[0]
