@@ -48,18 +48,22 @@ class LoRALinear(nn.Linear):
             out = out + self.lora_scaling * (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T)
         return out
 
+    def _update(self):
+        return self.lora_scaling * (self.lora_B.float() @ self.lora_A.float())
+
     @torch.no_grad()
     def _merge(self):
         # W + s B A - s B A need not round back to W, so de-merging restores this exact copy
         self._unmerged_weight = self.weight.detach().clone()
-        update = self.lora_scaling * (self.lora_B.float() @ self.lora_A.float())
-        self.weight.copy_(self.weight.float() + update)
+        self.weight.copy_(self.weight.float() + self._update())
         self.has_weights_merged = True
 
     @torch.no_grad()
     def _demerge(self):
-        self.weight.copy_(self._unmerged_weight)
-        del self._unmerged_weight
+        unmerged = self.__dict__.pop("_unmerged_weight", None)
+        if unmerged is None:  # merged by other code than _merge: subtract the update instead
+            unmerged = self.weight.float() - self._update()
+        self.weight.copy_(unmerged)
         self.has_weights_merged = False
 
     def train(self, mode=True):

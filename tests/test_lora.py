@@ -109,6 +109,17 @@ def test_eval_merges_and_train_demerges():
     assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
 
 
+def test_demerge_of_a_weight_merged_by_hand_subtracts_the_update():
+    layer = random_lora_layer()
+    base = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight += layer.lora_scaling * layer.lora_B @ layer.lora_A
+    layer.has_weights_merged = True
+    layer.train()
+    assert not layer.has_weights_merged
+    torch.testing.assert_close(layer.weight, base, rtol=0, atol=1e-6)
+
+
 def test_hundred_merge_cycles_keep_the_base_weight():
     layer = random_lora_layer()
     base = layer.weight.detach().clone()
