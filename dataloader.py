@@ -133,10 +133,10 @@ class CustomDataLoader:
                  mask_prompt=True, seed=1337):
         """dataset: a hub name, a local directory, or splits already read by load_rotten_tomatoes."""
         self.template, self.mask_prompt, self.seed = prompt_template, mask_prompt, seed
-        self.records = dataset if isinstance(dataset, dict) else load_rotten_tomatoes(dataset)
-        self.examples, self.truncated = {}, 0
-        for split, records in self.records.items():
-            records = [self._add_instruction_finetuning(dict(r)) for r in records]
+        splits = dataset if isinstance(dataset, dict) else load_rotten_tomatoes(dataset)
+        self.records, self.examples, self.truncated = {}, {}, 0
+        for split, records in splits.items():
+            records = self.records[split] = [self._add_instruction_finetuning(dict(r)) for r in records]
             answers = [answer_tokens(r["label"]) for r in records]
             # x is ids[:-1], so prompt + answer may be one token longer than the context
             prompts, truncated = encode_prompts([r["text"] for r in records], prompt_template,
