@@ -34,7 +34,9 @@ FLAGS = {
     "dtype": ("auto", "auto, float32, bfloat16 or float16"),
     "out": ("bench.json", "where the numbers go"),
 }
-PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L4": 121, "T4": 65}  # dense bf16 (T4: fp16) tensor cores
+# dense bf16 tensor-core peaks (T4: fp16); the first name found in the device's name counts
+PEAK_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L4": 121, "T4": 65}
+DEFAULT_EXPERIMENT_REVIEWS = 80 * 128  # train.py's max_iters x examples per step
 MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024)
 TINY = dict(n_layer=2, n_head=4, n_embd=64)
 
@@ -196,6 +198,27 @@ def bench_end_to_end(shape, dataset, config, device):
     return [dict(what="default experiment end to end", who="ours", seconds=seconds)]
 
 
+def t4_projection(rows, name, tokens_per_review):
+    """Rows scaled from this device to a T4 by the ratio of their peaks: a projection, not a measurement."""
+    peak = peak_tflops(name)
+    if peak is None or "T4" in name:
+        return []
+    ratio = PEAK_TFLOPS["T4"] / peak
+    projected = []
+    for r in rows:
+        if r["who"] != "ours" or "projected" in r["what"]:
+            continue
+        if "tokens_per_s" in r:
+            tokens_per_s = r["tokens_per_s"] * ratio
+            projected.append(dict(what=f"projected T4: {r['what']}", who="ours", tokens_per_s=tokens_per_s,
+                                  seconds=DEFAULT_EXPERIMENT_REVIEWS * tokens_per_review / tokens_per_s,
+                                  note=f"peak ratio {PEAK_TFLOPS['T4']}/{peak}; seconds: the default experiment's training steps"))
+        elif "batched" in r["what"]:
+            projected.append(dict(what=f"projected T4: {r['what']}", who="ours", seconds=r["seconds"] / ratio,
+                                  note=f"peak ratio {PEAK_TFLOPS['T4']}/{peak}"))
+    return projected
+
+
 def print_table(rows):
     print(f"\n{'what':<48} {'who':<18} {'tokens/s':>10} {'step ms':>8} {'GiB':>6} {'MFU':>6} {'seconds':>8} {'x':>5}")
     for r in rows:
@@ -203,6 +226,8 @@ def print_table(rows):
                  f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else "", f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "",
                  f"{r['seconds']:.3f}" if "seconds" in r else r.get("skipped", ""), f"{r['speedup']:.2f}" if "speedup" in r else ""]
         print(f"{r['what']:<48} {r['who']:<18} {cells[0]:>10} {cells[1]:>8} {cells[2]:>6} {cells[3]:>6} {cells[4]:>8} {cells[5]:>5}")
+    for note in dict.fromkeys(r["note"] for r in rows if "note" in r):
+        print(f"projected T4 rows are not measured: {note}")
 
 
 def main(argv):
@@ -222,6 +247,8 @@ def main(argv):
     rows += bench_evaluation(shape, loader, config, device, dtype)
     if config["end_to_end"]:
         rows += bench_end_to_end(shape, dataset, config, device)
+    train_ids = loader.examples["train"]
+    rows += t4_projection(rows, name, sum(len(ids) - 1 for ids, _ in train_ids) / len(train_ids))
     print_table(rows)
     result = dict(device=name, dtype=dtype, torch=torch.__version__, shape=shape, settings=config, rows=rows,
                   date=time.strftime("%Y-%m-%d"))

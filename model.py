@@ -325,14 +325,39 @@ def atomic_write(path, write):
         raise
 
 
-def save_checkpoint(path, model, trainable_only=False, **extra):
-    """Save model (never with merged LoRA weights; with trainable_only, just the parameters
-    that train) with its model_args and the extra entries."""
+def host_copy(obj):
+    """obj with every tensor copied to host memory, through dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+def snapshot_checkpoint(model, trainable_only=False, **extra):
+    """The checkpoint of model (never with merged LoRA weights; with trainable_only, just the
+    parameters that train) with its model_args and the extra entries, as it is now: what training
+    changes (trainable parameters, tensors in extra) is copied to host memory, so training can go
+    on while it is written. Frozen weights are not copied: write it before LoRA merges them."""
     if any(getattr(m, "has_weights_merged", False) for m in model.modules()):
         raise RuntimeError("refusing to save merged LoRA weights; call model.train() first")
-    state = ({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-             if trainable_only else model.state_dict())
-    checkpoint = dict(version=CHECKPOINT_VERSION, model=state, model_args=asdict(model.config), **extra)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state, copies = {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if trainable_only and name not in trainable:
+            continue
+        if t.requires_grad:
+            if id(t) not in copies:  # tied weights (wte, lm_head) are copied once and stay shared
+                copies[id(t)] = host_copy(t)
+            state[name] = copies[id(t)]
+        else:
+            state[name] = t.detach()
+    return dict(version=CHECKPOINT_VERSION, model=state, model_args=asdict(model.config), **host_copy(extra))
+
+
+def write_checkpoint(path, checkpoint):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 

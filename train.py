@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -25,7 +26,7 @@ from configurator import UsageError, autocast, device_name, fail, parse_flags, r
 from dataloader import PROMPT_TEMPLATES, CustomDataLoader, DataError, load_rotten_tomatoes
 from lora import mark_only_lora_as_trainable
 from model import (GPT, IGNORE_INDEX, CheckpointError, GPTConfig, describe_parameters, load_checkpoint,
-                   save_checkpoint)
+                   snapshot_checkpoint, write_checkpoint)
 from runlog import RunLog
 
 FLAGS = {
@@ -71,6 +72,35 @@ ARCHITECTURE = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block
 
 class Diverged(RuntimeError):
     pass
+
+
+class CheckpointWriter:
+    """Writes on a background thread, one write at a time, so training goes on meanwhile."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def submit(self, write):
+        self.wait()
+        def run():
+            try:
+                write()
+            except BaseException as e:  # raised in the training thread by the next wait()
+                self.error = e
+        self.thread = threading.Thread(target=run, name="checkpoint-writer")
+        self.thread.start()
+
+    def join(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def wait(self):
+        """Block until the write in flight is done; raise its error, if it failed."""
+        self.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def check_flags(c):
@@ -289,15 +319,24 @@ def train(config, explicit):
                   f"; {loader.truncated} reviews truncated to fit {raw_model.config.block_size} tokens"
                   if loader.truncated else ""))
 
+    writer = CheckpointWriter()
+    trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}  # what resume.pt holds
+
     def save_state(best=False):
-        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                     best_val_loss=best_val_loss, config=config, rng=rng_state(device))
-        if best:  # before resume.pt, so resume.pt never claims a best that ckpt.pt lacks
-            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), raw_model, **extra)
-        save_checkpoint(os.path.join(out_dir, "resume.pt"), raw_model, trainable_only=True, **extra)
+        checkpoint = snapshot_checkpoint(raw_model, trainable_only=not best, optimizer=optimizer.state_dict(),
+                                         scaler=scaler.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss,
+                                         config=config, rng=rng_state(device))
+        resume = dict(checkpoint, model={n: t for n, t in checkpoint["model"].items() if n in trainable})
+
+        def write():
+            if best:  # before resume.pt, so resume.pt never claims a best that ckpt.pt lacks
+                write_checkpoint(os.path.join(out_dir, "ckpt.pt"), checkpoint)
+            write_checkpoint(os.path.join(out_dir, "resume.pt"), resume)
+        writer.submit(write)
 
     def evaluate():
         nonlocal best_val_loss
+        writer.wait()  # the snapshot being written holds the frozen weights, which evaluation merges
         val_loss = validation_loss(raw_model, loader, config, device, dtype)
         if not math.isfinite(val_loss):
             raise Diverged(f"validation loss is {val_loss} at iteration {iter_num}; checkpoints left as they were")
@@ -309,30 +348,34 @@ def train(config, explicit):
         return val_loss
 
     t0 = time.time() - (log.elapsed_before if master else 0.0)  # elapsed counts across resumed sessions
-    val_loss = evaluate() if state is None else best_val_loss
-    with tqdm(total=config["max_iters"], initial=iter_num, desc="train", unit="step", disable=not master,
-              file=sys.stderr) as bar:
-        while iter_num < config["max_iters"]:
-            t_step = time.time()
-            train_loss, tokens = train_step(model, loader, optimizer, scaler, iter_num, config, rank, world, device, dtype)
-            if not math.isfinite(train_loss):
-                raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
-            iter_num += 1
-            step_time = time.time() - t_step
-            if master:
-                log.log(iter=iter_num, train_loss=train_loss, lr=config["learning_rate"], tokens=tokens,
-                        step_time=round(step_time, 4), elapsed=round(time.time() - t0, 2))
-            if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
-                val_loss = evaluate()
-            elif master and config["ckpt_interval"] and iter_num % config["ckpt_interval"] == 0:
-                save_state()
-            bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
-                            tok_s=f"{tokens / step_time:,.0f}", refresh=False)
-            bar.update(1)
+    try:
+        val_loss = evaluate() if state is None else best_val_loss
+        with tqdm(total=config["max_iters"], initial=iter_num, desc="train", unit="step", disable=not master,
+                  file=sys.stderr) as bar:
+            while iter_num < config["max_iters"]:
+                t_step = time.time()
+                train_loss, tokens = train_step(model, loader, optimizer, scaler, iter_num, config, rank, world, device, dtype)
+                if not math.isfinite(train_loss):
+                    raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
+                iter_num += 1
+                step_time = time.time() - t_step
+                if master:
+                    log.log(iter=iter_num, train_loss=train_loss, lr=config["learning_rate"], tokens=tokens,
+                            step_time=round(step_time, 4), elapsed=round(time.time() - t0, 2))
+                if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
+                    val_loss = evaluate()
+                elif master and config["ckpt_interval"] and iter_num % config["ckpt_interval"] == 0:
+                    save_state()
+                bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
+                                tok_s=f"{tokens / step_time:,.0f}", refresh=False)
+                bar.update(1)
+    finally:  # a write in flight completes even when training stops on an error
+        writer.join()
 
     if master:
-        save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), raw_model, optimizer=optimizer.state_dict(),
-                        iter_num=iter_num, best_val_loss=best_val_loss, config=config)
+        writer.wait()
+        write_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), snapshot_checkpoint(
+            raw_model, optimizer=optimizer.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss, config=config))
         print(f"done: {iter_num} steps in {time.time() - t0:.1f} s; best validation loss {best_val_loss:.4f}")
         if config["eval_test"]:
             test_accuracy(raw_model, loader, config, device, dtype)

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import bench
 
 
@@ -32,3 +34,19 @@ def test_flops_per_token_counts():
     assert full == 3 * (body + 2 * 24 * 1024 * 50 + 2 * 50257 * 1024 * 2 / 50)
     assert lora == 2 * (body + 2 * 50257 * 1024 * 2 / 50) + 3 * 2 * 24 * 1024 * 50 + 3 * 12 * 24 * 1024 * 128
     assert 4 * 12 * 24 * 1024 ** 2 < lora < full
+
+
+def test_t4_projection_scales_by_the_peak_ratio():
+    rows = [dict(what="train LoRA r=128", who="ours", tokens_per_s=98900.0),
+            dict(what="train LoRA r=128", who="transformers+peft", tokens_per_s=50000.0),
+            dict(what="evaluate 1066 reviews, batched", who="ours", seconds=0.5),
+            dict(what="default experiment end to end", who="ours", seconds=40.0)]
+    projected = bench.t4_projection(rows, "NVIDIA H100 80GB HBM3", tokens_per_review=50)
+    assert [r["what"] for r in projected] == ["projected T4: train LoRA r=128", "projected T4: evaluate 1066 reviews, batched"]
+    train, evaluate = projected
+    assert train["tokens_per_s"] == pytest.approx(98900.0 * 65 / 989, rel=1e-12)
+    assert train["seconds"] == pytest.approx(80 * 128 * 50 / train["tokens_per_s"], rel=1e-12)
+    assert evaluate["seconds"] == pytest.approx(0.5 * 989 / 65, rel=1e-12)
+    assert all("peak ratio 65/989" in r["note"] for r in projected)
+    assert bench.t4_projection(rows, "NVIDIA H100 PCIe", 50)[0]["tokens_per_s"] == pytest.approx(98900.0 * 65 / 756, rel=1e-12)
+    assert bench.t4_projection(rows, "Tesla T4", 50) == [] and bench.t4_projection(rows, "cpu", 50) == []

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -57,6 +58,44 @@ def test_full_fine_tuning_moves_the_base_weights(hf_gpt2_dir, small_data_dir, tm
     assert not any("lora_" in k for k in final)
     for key in ("transformer.h.0.attn.q_attn.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.wte.weight"):
         assert not torch.equal(final[key], start[key]), key
+    for name in ("ckpt.pt", "ckpt_last.pt"):  # the tied embedding is stored once
+        model = load_checkpoint(out / name)["model"]
+        assert model["lm_head.weight"].data_ptr() == model["transformer.wte.weight"].data_ptr()
+    resume = load_checkpoint(out / "resume.pt")["model"]
+    assert set(resume) == set(final) - {"lm_head.weight"}
+    run_train("init_from=resume", f"out_dir={out}", "max_iters=3")
+    assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 3
+
+
+def test_training_goes_on_while_a_checkpoint_is_written(hf_gpt2_dir, small_data_dir, tmp_path, monkeypatch):
+    import train
+    events, stepped = [], threading.Event()
+    real_step, real_write = train.train_step, train.write_checkpoint
+
+    def step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        events.append("step")
+        stepped.set()
+        return result
+
+    def slow_write(path, checkpoint):
+        name = os.path.basename(path)
+        if not events:  # the first checkpoint is held back until training has taken a step
+            assert stepped.wait(timeout=120)
+            # and it is still the state at iteration 0, although the model has moved on
+            assert checkpoint["iter_num"] == 0 and checkpoint["optimizer"]["state"] == {}
+            assert all(not t.any() for k, t in checkpoint["model"].items() if k.endswith("lora_B"))
+        real_write(path, checkpoint)
+        events.append(name)
+
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "write_checkpoint", slow_write)
+    out = tmp_path / "run"
+    run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=2",
+              "rank=8", "alpha=32", "lr=1e-2")
+    assert events[0] == "step" and events.count("step") == 2 and events[-1] == "ckpt_last.pt"
+    resume = load_checkpoint(out / "resume.pt")
+    assert resume["iter_num"] == 2 and any(t.any() for k, t in resume["model"].items() if k.endswith("lora_B"))
 
 
 def test_scratch_model_learns_the_task(small_data_dir, tmp_path):
