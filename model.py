@@ -258,15 +258,28 @@ class GPT(nn.Module):
         c = hf.config
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd, bias=True, **override_args)
-        model = cls(config)
+        model = cls.uninitialized(config)
+        for module in model.modules():  # LoRA's own initialisation; the base weights are loaded next
+            if isinstance(module, LoRALinear) and module.is_lora():
+                module.reset_parameters()
         model.load_hf_state_dict(hf.state_dict())
         return model
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
-        """The model saved in a checkpoint dict (see save_checkpoint)."""
-        model = cls(GPTConfig(**checkpoint["model_args"]))
+        """The model saved in a checkpoint dict (see snapshot_checkpoint)."""
+        model = cls.uninitialized(GPTConfig(**checkpoint["model_args"]))
         model.load_state_dict(checkpoint["model"])
+        return model
+
+    @classmethod
+    def uninitialized(cls, config):
+        """A model whose weights are allocated but not initialised, for loading into: a random
+        init that loading overwrites would cost seconds for gpt2-medium."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model.transformer.wte.weight = model.lm_head.weight  # to_empty unties them
         return model
 
     @torch.no_grad()

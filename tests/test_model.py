@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import ROOT, save_random_hf_gpt2
 from lora import LoRALinear, mark_only_lora_as_trainable
-from model import GPT, GPTConfig, count_parameters, describe_parameters
+from model import GPT, GPTConfig, count_parameters, describe_parameters, snapshot_checkpoint
 
 
 def lora_layers(model):
@@ -45,6 +46,31 @@ def test_other_size_loads_its_own_config(tmp_path):
     idx = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(model.lm_head(model.hidden_states(idx)), hf(idx).logits, rtol=0, atol=1e-5)
+
+
+def test_loading_skips_the_random_init_and_seeds_the_lora_init(hf_gpt2_dir, monkeypatch):
+    initialised = []
+    real_normal = torch.nn.init.normal_
+
+    def normal_(tensor, *args, **kwargs):
+        initialised.append(tensor.device.type)
+        return real_normal(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", normal_)
+    torch.manual_seed(3)
+    model = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=16.0))
+    copy = GPT.from_checkpoint(snapshot_checkpoint(model))
+    assert initialised and set(initialised) == {"meta"}  # GPT-2's random init touched no real weight
+    torch.manual_seed(3)
+    again = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=16.0))
+    for m in (model, copy, again):
+        assert m.lm_head.weight is m.transformer.wte.weight
+    for layer, twin, same in zip(lora_layers(model), lora_layers(again), lora_layers(copy)):
+        assert torch.equal(layer.lora_A, twin.lora_A) and torch.equal(layer.lora_A, same.lora_A)
+        assert 0 < layer.lora_A.abs().max() <= 1 / math.sqrt(64) and not layer.lora_B.any()  # kaiming bound
+    assert len({float(layer.lora_A.sum()) for layer in lora_layers(model)}) == 6
+    for key, value in copy.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
 
 
 def test_lora_model_with_trained_B_merges_and_demerges(hf_gpt2_dir):
