@@ -43,6 +43,10 @@ class KVCache:
     def __len__(self):
         return 0 if self.layers[0] is None else self.layers[0][0].size(2)
 
+    def expand(self, batch_size):
+        """Give every one of batch_size rows the keys and values of a batch of one."""
+        self.layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self.layers]
+
     def extend(self, layer, k, v):
         if self.layers[layer] is not None:
             k = torch.cat([self.layers[layer][0], k], dim=2)
@@ -165,10 +169,31 @@ class GPT(nn.Module):
         mask[..., torch.arange(T), torch.arange(total - T, total)] = True
         return mask
 
+    def _share_prefix(self, rows, kv_cache):
+        """In eval mode, run the tokens that every row starts with once, as a batch of one, into
+        kv_cache, then give each row that cache. Returns their count and hidden states (1, n, C).
+        (In training, dropout must differ between rows, so nothing is shared.)"""
+        shared = 0
+        if not self.training and len(rows) > 1:  # commonprefix compares lists element by element
+            shared = min(len(os.path.commonprefix(list(rows))), min(map(len, rows)) - 1)
+        if shared == 0:
+            return 0, None
+        prefix = torch.tensor([rows[0][:shared]], device=self.lm_head.weight.device)
+        x = self.hidden_states(prefix, kv_cache=kv_cache)
+        kv_cache.expand(len(rows))
+        return shared, x
+
     def forward(self, idx, targets=None, reduction="mean"):
         """With targets: (logits at target positions, loss); without: (logits of the last
         position (B, 1, vocab), None), as in nanoGPT."""
-        x = self.hidden_states(idx)
+        if self.training or len(idx) == 1:
+            x = self.hidden_states(idx)
+        else:  # the instruction every prompt starts with is computed once per batch
+            kv_cache = KVCache(self.config.n_layer)
+            shared, prefix = self._share_prefix(idx.tolist(), kv_cache)
+            x = self.hidden_states(idx[:, shared:], kv_cache=kv_cache if shared else None)
+            if shared:
+                x = torch.cat([prefix.expand(len(idx), -1, -1), x], dim=1)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         keep = targets != IGNORE_INDEX  # the vocabulary projection is paid only where a target is
@@ -195,34 +220,40 @@ class GPT(nn.Module):
             idx = torch.cat((idx, self._pick_next(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 
-    def _left_pad(self, prompts):
-        T = max(len(p) for p in prompts)
-        idx = torch.zeros(len(prompts), T, dtype=torch.long)
-        key_mask = torch.zeros(len(prompts), T, dtype=torch.bool)
-        for row, p in enumerate(prompts):
+    def _start_batch(self, prompts):
+        """(idx, key_mask, kv_cache) for token lists of different lengths: their common start in
+        the cache (eval mode), the rest left-padded, key_mask False at padding."""
+        kv_cache = KVCache(self.config.n_layer)
+        shared, _ = self._share_prefix(prompts, kv_cache)
+        rows = [p[shared:] for p in prompts]
+        T = max(len(p) for p in rows)
+        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        key_mask = torch.zeros(len(rows), shared + T, dtype=torch.bool)
+        key_mask[:, :shared] = True
+        for row, p in enumerate(rows):
             idx[row, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            key_mask[row, T - len(p):] = True
+            key_mask[row, shared + T - len(p):] = True
         device = self.lm_head.weight.device
-        return idx.to(device), key_mask.to(device)
+        return idx.to(device), key_mask.to(device), kv_cache
 
     @torch.no_grad()
     def last_logits_batch(self, prompts):
         """Next-token logits (B, vocab) after each token list in prompts, in one forward pass."""
-        idx, key_mask = self._left_pad(prompts)
-        return self.lm_head(self.hidden_states(idx, key_mask)[:, -1, :])
+        idx, key_mask, kv_cache = self._start_batch(prompts)
+        return self.lm_head(self.hidden_states(idx, key_mask, kv_cache)[:, -1, :])
 
     @torch.no_grad()
     def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=()):
         """Continue each token list in prompts; returns one list of new tokens per prompt.
 
-        Prompts are left-padded into one batch and decoded with a KV cache. A row stops after a
-        token in stop_tokens (which is kept); the loop ends once every row has stopped.
+        In eval mode the start every prompt shares is computed once; the rest are left-padded into
+        one batch and decoded with a KV cache. A row stops after a token in stop_tokens (which is
+        kept); the loop ends once every row has stopped.
         """
-        idx, key_mask = self._left_pad(prompts)
+        idx, key_mask, kv_cache = self._start_batch(prompts)
         device = idx.device
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        kv_cache = KVCache(self.config.n_layer)
         new_tokens = []
         for _ in range(max_new_tokens):
             x = self.hidden_states(idx, key_mask, kv_cache)

@@ -10,7 +10,7 @@ import generate
 from conftest import run_train
 from dataloader import encode_prompts, get_tokenizer, load_rotten_tomatoes
 from generate import parse_label, predict_labels, summarize
-from model import GPT
+from model import GPT, KVCache
 
 
 @pytest.mark.parametrize("text, label", [
@@ -32,17 +32,26 @@ def lora_model(hf_gpt2_dir):
     return model.eval()
 
 
-def test_batched_greedy_equals_one_at_a_time(lora_model):
+@pytest.mark.parametrize("shared", [0, 19])
+def test_batched_greedy_equals_one_at_a_time(lora_model, shared, monkeypatch):
     generator = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 50257, (int(n),), generator=generator).tolist()
-               for n in torch.randint(3, 60, (50,), generator=generator)]
+    start = torch.randint(0, 50257, (shared,), generator=generator).tolist()  # like the instruction
+    lengths = ([1, 0] if shared else []) + torch.randint(3, 60, (48,), generator=generator).tolist()
+    prompts = [start + torch.randint(0, 50257, (n,), generator=generator).tolist() for n in lengths]
+    expanded = []
+    monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
     stop = (50256, 198)
     batched = lora_model.generate_batch(prompts, 8, temperature=0.0, stop_tokens=stop)
+    assert expanded == ([len(prompts)] if shared else [])  # a common start is computed once
     for prompt, got in zip(prompts, batched):
         full = lora_model.generate(torch.tensor([prompt]), 8, temperature=0)[0, len(prompt):].tolist()
         cut = next((i + 1 for i, t in enumerate(full) if t in stop), len(full))
         assert got == full[:cut]
     assert len({len(p) for p in prompts}) > 20
+    logits = lora_model.last_logits_batch(prompts)
+    for prompt, row in zip(prompts, logits):
+        with torch.no_grad():
+            torch.testing.assert_close(row, lora_model(torch.tensor([prompt]))[0][0, -1], rtol=0, atol=1e-5)
 
 
 def test_logprob_is_the_argmax_of_the_two_label_logits(lora_model, small_data_dir):

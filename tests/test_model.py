@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import ROOT, save_random_hf_gpt2
 from lora import LoRALinear, mark_only_lora_as_trainable
-from model import GPT, GPTConfig, count_parameters, describe_parameters, snapshot_checkpoint
+from model import GPT, GPTConfig, KVCache, count_parameters, describe_parameters, snapshot_checkpoint
 
 
 def lora_layers(model):
@@ -71,6 +71,33 @@ def test_loading_skips_the_random_init_and_seeds_the_lora_init(hf_gpt2_dir, monk
     assert len({float(layer.lora_A.sum()) for layer in lora_layers(model)}) == 6
     for key, value in copy.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_dir, monkeypatch):
+    torch.manual_seed(0)
+    model = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=16.0))
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    generator = torch.Generator().manual_seed(2)
+    start = torch.randint(0, 50257, (19,), generator=generator).tolist()
+    rows = [start + torch.randint(0, 50257, (n,), generator=generator).tolist() for n in (5, 30, 12, 2)]
+    idx = torch.full((4, 49), 50256)
+    targets = torch.full((4, 49), -100)
+    for i, row in enumerate(rows):  # right-padded, targets on each row's last two tokens, as in training
+        idx[i, :len(row)] = torch.tensor(row)
+        targets[i, len(row) - 3:len(row) - 1] = idx[i, len(row) - 2:len(row)]
+    expanded = []
+    monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    model.eval()
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+        reference = model.lm_head(model.hidden_states(idx)[targets != -100])
+    assert expanded == [4]
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(reference, targets[targets != -100]))
+    model.train()  # training never shares: dropout must differ between rows
+    model(idx, targets)
+    assert expanded == [4]
 
 
 def test_lora_model_with_trained_B_merges_and_demerges(hf_gpt2_dir):
