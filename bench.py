@@ -147,6 +147,44 @@ def bench_training(shape, loader, config, device, dtype, name):
     return rows
 
 
+def bench_train_step(shape, loader, config, device, dtype):
+    """train.py's own step (length-grouped micro-batches, clipping, AdamW) for LoRA r=128 with the
+    step's reviews split into micro-batches of several sizes: the same update at different speeds."""
+    settings = dict({k: default for k, (default, _) in train.FLAGS.items()}, lora_rank=128, lora_alpha=512.0)
+    per_step = 8 if config["smoke"] else settings["batch_size"] * settings["gradient_accumulation_steps"]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(lora_rank=128, lora_alpha=512.0, lora_dropout=0.05, **shape))
+    model = mark_only_lora_as_trainable(model).to(device).train()
+    warmup, steps = 2, config["steps"]
+    tokens = sum(len(ids) - 1 for ids, _ in loader.train_examples(warmup * per_step, steps * per_step))
+    rows = []
+    for size in (per_step // 4, per_step // 2, per_step):
+        c = dict(settings, batch_size=size, gradient_accumulation_steps=per_step // size)
+        what = f"train.py step of {per_step} reviews as {per_step // size} x {size}"
+        optimizer = train.make_optimizer(model, c, device, None)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
+        try:
+            for i in range(warmup + steps):
+                if i == warmup:
+                    if device.startswith("cuda"):
+                        torch.cuda.reset_peak_memory_stats(device)
+                    synchronize(device)
+                    start = time.perf_counter()
+                train.train_step(model, loader, optimizer, scaler, i, c, 0, 1, device, dtype)
+            synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            rows.append(dict(what=what, who="ours", skipped="out of memory"))
+            continue
+        finally:
+            del optimizer
+        seconds = time.perf_counter() - start
+        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
+        rows.append(dict(what=what, who="ours", tokens_per_s=tokens / seconds, step_ms=1000 * seconds / steps,
+                         peak_memory_gib=memory))
+    return rows
+
+
 def bench_evaluation(shape, loader, config, device, dtype):
     hf, ours = hf_and_ours(shape, 128, device)
     hf, ours = hf.merge_and_unload().eval(), ours.eval()
@@ -244,6 +282,7 @@ def main(argv):
         loader.records["test"], loader.examples["test"] = loader.records["test"][:24], loader.examples["test"][:24]
     print(f"bench on {name} ({dtype}), model {shape}, torch {torch.__version__}")
     rows = bench_training(shape, loader, config, device, dtype, name)
+    rows += bench_train_step(shape, loader, config, device, dtype)
     rows += bench_evaluation(shape, loader, config, device, dtype)
     if config["end_to_end"]:
         rows += bench_end_to_end(shape, dataset, config, device)

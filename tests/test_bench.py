@@ -16,6 +16,9 @@ def test_smoke_run_writes_every_measurement(data_dir, tmp_path):
         assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["reviews_per_s"] > 0
         assert row["mfu"] is None and row["peak_memory_gib"] is None  # no peak known for a CPU
     assert rows[("train LoRA r=128", "ours")]["speedup"] > 0
+    for split in ("4 x 2", "2 x 4", "1 x 8"):  # train.py's own step, one update split three ways
+        row = rows[(f"train.py step of 8 reviews as {split}", "ours")]
+        assert row["tokens_per_s"] > 0 and row["step_ms"] > 0
     # same weights, same batches, same optimizer: full fine-tuning must agree on the loss
     ours, theirs = rows[("train full fine-tuning", "ours")]["loss"], rows[("train full fine-tuning", "transformers")]["loss"]
     assert abs(ours - theirs) < 1e-4 * abs(theirs)
