@@ -185,6 +185,35 @@ def bench_train_step(shape, loader, config, device, dtype):
     return rows
 
 
+def bench_activation_memory(shape, loader, device, dtype):
+    """Bytes the forward pass keeps for the backward pass, per review of the longest prompt, counted
+    from the saved tensors (not the allocator): what bounds the micro-batch a card can hold."""
+    longest = max(loader.examples["train"], key=lambda e: len(e[0]))
+    rows = []
+    for rank, dropout, label in ((128, 0.0, "LoRA r=128"), (0, 0.05, "full fine-tuning, dropout 0.05")):
+        torch.manual_seed(0)  # the dropouts of train.py's default run and of the homework's full run
+        model = GPT(GPTConfig(lora_rank=rank, lora_alpha=4.0 * rank, lora_dropout=0.05, dropout=dropout, **shape))
+        model = (mark_only_lora_as_trainable(model) if rank else model).to(device).train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = []
+        for n in (2, 4):
+            storages = {}
+
+            def keep(t):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in weights:
+                    storages[storage.data_ptr()] = storage.nbytes()
+                return t
+            x, y = (t.to(device) for t in loader.collate([longest] * n))
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(device, dtype):
+                model(x, y)
+            saved.append(sum(storages.values()))
+        per_review = (saved[1] - saved[0]) / 2
+        rows.append(dict(what=f"saved for backward, {label}", who="ours", tokens_per_review=len(longest[0]) - 1,
+                         mib_per_review=per_review / 2**20, fixed_mib=(saved[0] - 2 * per_review) / 2**20))
+    return rows
+
+
 def bench_evaluation(shape, loader, config, device, dtype):
     hf, ours = hf_and_ours(shape, 128, device)
     hf, ours = hf.merge_and_unload().eval(), ours.eval()
@@ -260,6 +289,10 @@ def t4_projection(rows, name, tokens_per_review):
 def print_table(rows):
     print(f"\n{'what':<48} {'who':<18} {'tokens/s':>10} {'step ms':>8} {'GiB':>6} {'MFU':>6} {'seconds':>8} {'x':>5}")
     for r in rows:
+        if "mib_per_review" in r:
+            print(f"{r['what']:<48} {r['who']:<18} {r['mib_per_review']:.1f} MiB per review of "
+                  f"{r['tokens_per_review']} tokens, + {r['fixed_mib']:.0f} MiB fixed")
+            continue
         cells = [f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "", f"{r['step_ms']:.1f}" if "step_ms" in r else "",
                  f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else "", f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "",
                  f"{r['seconds']:.3f}" if "seconds" in r else r.get("skipped", ""), f"{r['speedup']:.2f}" if "speedup" in r else ""]
@@ -283,6 +316,7 @@ def main(argv):
     print(f"bench on {name} ({dtype}), model {shape}, torch {torch.__version__}")
     rows = bench_training(shape, loader, config, device, dtype, name)
     rows += bench_train_step(shape, loader, config, device, dtype)
+    rows += bench_activation_memory(shape, loader, device, dtype)
     rows += bench_evaluation(shape, loader, config, device, dtype)
     if config["end_to_end"]:
         rows += bench_end_to_end(shape, dataset, config, device)

@@ -22,6 +22,9 @@ def test_smoke_run_writes_every_measurement(data_dir, tmp_path):
     # same weights, same batches, same optimizer: full fine-tuning must agree on the loss
     ours, theirs = rows[("train full fine-tuning", "ours")]["loss"], rows[("train full fine-tuning", "transformers")]["loss"]
     assert abs(ours - theirs) < 1e-4 * abs(theirs)
+    for label in ("LoRA r=128", "full fine-tuning, dropout 0.05"):
+        row = rows[(f"saved for backward, {label}", "ours")]
+        assert row["tokens_per_review"] == 101 and row["mib_per_review"] > 0
     for who in ("ours", "transformers"):
         assert rows[("evaluate 24 reviews, batched", who)]["seconds"] > 0
         assert rows[("evaluate one review at a time (mean of 2)", who)]["ms_per_review"] > 0
