@@ -220,11 +220,24 @@ def bench_evaluation(shape, loader, config, device, dtype):
     records = loader.records["test"]
     prompts = [ids[:p] for ids, p in loader.examples["test"]]
     rows = []
-    synchronize(device)
-    start = time.perf_counter()
-    generate.predict_labels(ours, records, batch_size=config["eval_batch_size"], device=device, dtype=dtype)
-    synchronize(device)
-    rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who="ours", seconds=time.perf_counter() - start))
+
+    def seconds(work):
+        synchronize(device)
+        start = time.perf_counter()
+        work()
+        synchronize(device)
+        return time.perf_counter() - start
+    validation = dict(eval_batch_size=train.FLAGS["eval_batch_size"][0], eval_iters=0)
+    try:  # the common start of the prompts computed once per batch, and once per review
+        for share, who in ((True, "ours"), (False, "ours, no sharing")):
+            GPT.share_prefix = share
+            rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who=who, seconds=seconds(
+                lambda: generate.predict_labels(ours, records, batch_size=config["eval_batch_size"], device=device, dtype=dtype))))
+            rows.append(dict(what=f"validation loss, {len(loader.examples['validation'])} reviews", who=who, seconds=seconds(
+                lambda: train.validation_loss(ours, loader, validation, device, dtype))))
+    finally:
+        GPT.share_prefix = True
+    ours.eval()
 
     def hf_generate(batch):
         T = max(map(len, batch))

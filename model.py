@@ -111,6 +111,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    share_prefix = True  # eval mode: compute the tokens every row starts with once (bench.py times both)
 
     def __init__(self, config):
         super().__init__()
@@ -169,12 +170,13 @@ class GPT(nn.Module):
         mask[..., torch.arange(T), torch.arange(total - T, total)] = True
         return mask
 
-    def _share_prefix(self, rows, kv_cache):
+    def _prefill_shared_prefix(self, rows, kv_cache):
         """In eval mode, run the tokens that every row starts with once, as a batch of one, into
         kv_cache, then give each row that cache. Returns their count and hidden states (1, n, C).
         (In training, dropout must differ between rows, so nothing is shared.)"""
         shared = 0
-        if not self.training and len(rows) > 1:  # commonprefix compares lists element by element
+        if self.share_prefix and not self.training and len(rows) > 1:
+            # commonprefix compares the token lists element by element
             shared = min(len(os.path.commonprefix(list(rows))), min(map(len, rows)) - 1)
         if shared == 0:
             return 0, None
@@ -186,11 +188,11 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, reduction="mean"):
         """With targets: (logits at target positions, loss); without: (logits of the last
         position (B, 1, vocab), None), as in nanoGPT."""
-        if self.training or len(idx) == 1:
+        if self.training or not self.share_prefix or len(idx) == 1:
             x = self.hidden_states(idx)
         else:  # the instruction every prompt starts with is computed once per batch
             kv_cache = KVCache(self.config.n_layer)
-            shared, prefix = self._share_prefix(idx.tolist(), kv_cache)
+            shared, prefix = self._prefill_shared_prefix(idx.tolist(), kv_cache)
             x = self.hidden_states(idx[:, shared:], kv_cache=kv_cache if shared else None)
             if shared:
                 x = torch.cat([prefix.expand(len(idx), -1, -1), x], dim=1)
@@ -224,7 +226,7 @@ class GPT(nn.Module):
         """(idx, key_mask, kv_cache) for token lists of different lengths: their common start in
         the cache (eval mode), the rest left-padded, key_mask False at padding."""
         kv_cache = KVCache(self.config.n_layer)
-        shared, _ = self._share_prefix(prompts, kv_cache)
+        shared, _ = self._prefill_shared_prefix(prompts, kv_cache)
         rows = [p[shared:] for p in prompts]
         T = max(len(p) for p in rows)
         idx = torch.zeros(len(rows), T, dtype=torch.long)

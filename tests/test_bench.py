@@ -25,8 +25,11 @@ def test_smoke_run_writes_every_measurement(data_dir, tmp_path):
     for label in ("LoRA r=128", "full fine-tuning, dropout 0.05"):
         row = rows[(f"saved for backward, {label}", "ours")]
         assert row["tokens_per_review"] == 101 and row["mib_per_review"] > 0
-    for who in ("ours", "transformers"):
+    for who in ("ours", "ours, no sharing", "transformers"):
         assert rows[("evaluate 24 reviews, batched", who)]["seconds"] > 0
+    for who in ("ours", "ours, no sharing"):
+        assert rows[("validation loss, 1066 reviews", who)]["seconds"] > 0
+    for who in ("ours", "transformers"):
         assert rows[("evaluate one review at a time (mean of 2)", who)]["ms_per_review"] > 0
     assert rows[("default experiment end to end", "ours")]["seconds"] > 0
     assert result["device"] == "cpu" and result["shape"] == bench.TINY

@@ -97,7 +97,11 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(reference, targets[targets != -100]))
     model.train()  # training never shares: dropout must differ between rows
     model(idx, targets)
+    monkeypatch.setattr(GPT, "share_prefix", False)  # the switch bench.py compares with
+    with torch.no_grad():
+        unshared, _ = model.eval()(idx, targets)
     assert expanded == [4]
+    torch.testing.assert_close(unshared, reference, rtol=0, atol=0)
 
 
 def test_lora_model_with_trained_B_merges_and_demerges(hf_gpt2_dir):
