@@ -336,13 +336,16 @@ def train(config, explicit):
 
     def evaluate():
         nonlocal best_val_loss
+        t_wait = time.time()
         writer.wait()  # the snapshot being written holds the frozen weights, which evaluation merges
+        t_val = time.time()
         val_loss = validation_loss(raw_model, loader, config, device, dtype)
         if not math.isfinite(val_loss):
             raise Diverged(f"validation loss is {val_loss} at iteration {iter_num}; checkpoints left as they were")
         improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
         if master:
-            log.log(iter=iter_num, val_loss=val_loss, elapsed=round(time.time() - t0, 2))
+            log.log(iter=iter_num, val_loss=val_loss, val_time=round(time.time() - t_val, 3),
+                    ckpt_wait=round(t_val - t_wait, 3), elapsed=round(time.time() - t0, 2))
             save_state(best=improved)
             tqdm.write(f"iter {iter_num}: validation loss {val_loss:.4f}" + (" (best so far: ckpt.pt)" if improved else ""))
         return val_loss

@@ -43,6 +43,7 @@ def test_lora_run_moves_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path,
     assert last["iter_num"] == 4
     rows = metrics(out)
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4]
+    assert all(r["val_time"] > 0 and r["ckpt_wait"] >= 0 for r in rows if "val_loss" in r)
     assert [r["iter"] for r in rows if "train_loss" in r] == [1, 2, 3, 4]
     assert last["best_val_loss"] == min(r["val_loss"] for r in rows if "val_loss" in r)
     best = load_checkpoint(out / "ckpt.pt")
