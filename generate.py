@@ -15,10 +15,11 @@ import time
 
 import torch
 
+from checkpoint import CheckpointError, atomic_write, load_checkpoint
 from configurator import UsageError, autocast, device_name, fail, parse_flags, resolve_device, resolve_dtype
 from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, encode_prompts, get_tokenizer,
                         load_rotten_tomatoes)
-from model import GPT, CheckpointError, atomic_write, load_checkpoint
+from model import GPT
 
 FLAGS = {
     "init_from": ("resume", "'resume': the checkpoints in out_dir; or gpt2, gpt2-medium, ..., a hub id or a local Hugging Face GPT-2 directory (zero-shot)"),

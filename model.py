@@ -4,11 +4,9 @@ Loads Hugging Face GPT-2 checkpoints (hub names or local directories) and comput
 logits. Generation comes in two forms: `generate`, nanoGPT's one-sequence loop, and
 `generate_batch`, left-padded batches with a KV cache for fast evaluation.
 """
-import contextlib
 import math
 import os
-import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,7 +15,6 @@ import torch.nn.functional as F
 from lora import LoRALinear
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss
-CHECKPOINT_VERSION = 1
 
 
 @dataclass
@@ -300,7 +297,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
-        """The model saved in a checkpoint dict (see snapshot_checkpoint)."""
+        """The model saved in a checkpoint dict (see checkpoint.py)."""
         model = cls.uninitialized(GPTConfig(**checkpoint["model_args"]))
         model.load_state_dict(checkpoint["model"])
         return model
@@ -347,80 +344,3 @@ def count_parameters(model):
 def describe_parameters(model):
     trainable, total = count_parameters(model)
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message says why."""
-
-
-def atomic_write(path, write):
-    """Write path through a temporary file in the same directory, then rename it into place:
-    a kill or a failed write leaves the previous file intact, never a torn one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(f"could not write {path} ({e.strerror or e}); the previous file, if any, is intact") from None
-        raise
-
-
-def host_copy(obj):
-    """obj with every tensor copied to host memory, through dicts, lists and tuples."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: host_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(host_copy(v) for v in obj)
-    return obj
-
-
-def snapshot_checkpoint(model, trainable_only=False, **extra):
-    """The checkpoint of model (never with merged LoRA weights; with trainable_only, just the
-    parameters that train) with its model_args and the extra entries, as it is now: what training
-    changes (trainable parameters, tensors in extra) is copied to host memory, so training can go
-    on while it is written. Frozen weights are not copied: write it before LoRA merges them."""
-    if any(getattr(m, "has_weights_merged", False) for m in model.modules()):
-        raise RuntimeError("refusing to save merged LoRA weights; call model.train() first")
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state, copies = {}, {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if trainable_only and name not in trainable:
-            continue
-        if t.requires_grad:
-            if id(t) not in copies:  # tied weights (wte, lm_head) are copied once and stay shared
-                copies[id(t)] = host_copy(t)
-            state[name] = copies[id(t)]
-        else:
-            state[name] = t.detach()
-    return dict(version=CHECKPOINT_VERSION, model=state, model_args=asdict(model.config), **host_copy(extra))
-
-
-def write_checkpoint(path, checkpoint):
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint with weights_only=True: tensors and plain data, never pickled code."""
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} needs pickled code to load; refused (only tensors and "
-                              "plain data are loaded, for safety)") from None
-    except Exception as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
-    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint:
-        raise CheckpointError(f"{path} is not a checkpoint of this project")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('version')!r}; "
-                              f"this code reads format {CHECKPOINT_VERSION}")
-    return checkpoint

@@ -17,9 +17,10 @@ import sys
 
 import torch
 
+from checkpoint import atomic_write, load_checkpoint
 from configurator import fail, parse_flags
 from lora import mark_only_lora_as_trainable
-from model import GPT, GPTConfig, atomic_write, count_parameters, load_checkpoint
+from model import GPT, GPTConfig, count_parameters
 from runlog import read_metrics
 
 RUNS = {

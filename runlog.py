@@ -3,7 +3,7 @@ import json
 import os
 import sys
 
-from model import atomic_write
+from checkpoint import atomic_write
 
 KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")
 

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import sys
-import threading
 import time
 from contextlib import nullcontext
 
@@ -25,8 +24,9 @@ from tqdm.auto import tqdm
 from configurator import UsageError, autocast, device_name, fail, parse_flags, resolve_device, resolve_dtype
 from dataloader import PROMPT_TEMPLATES, CustomDataLoader, DataError, load_rotten_tomatoes
 from lora import mark_only_lora_as_trainable
-from model import (GPT, IGNORE_INDEX, CheckpointError, GPTConfig, describe_parameters, load_checkpoint,
-                   snapshot_checkpoint, write_checkpoint)
+from checkpoint import (CheckpointError, CheckpointWriter, load_checkpoint, snapshot_checkpoint, trainable_names,
+                        write_checkpoint)
+from model import GPT, IGNORE_INDEX, GPTConfig, describe_parameters
 from runlog import RunLog
 
 FLAGS = {
@@ -72,35 +72,6 @@ ARCHITECTURE = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block
 
 class Diverged(RuntimeError):
     pass
-
-
-class CheckpointWriter:
-    """Writes on a background thread, one write at a time, so training goes on meanwhile."""
-
-    def __init__(self):
-        self.thread, self.error = None, None
-
-    def submit(self, write):
-        self.wait()
-        def run():
-            try:
-                write()
-            except BaseException as e:  # raised in the training thread by the next wait()
-                self.error = e
-        self.thread = threading.Thread(target=run, name="checkpoint-writer")
-        self.thread.start()
-
-    def join(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-
-    def wait(self):
-        """Block until the write in flight is done; raise its error, if it failed."""
-        self.join()
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
 
 
 def check_flags(c):
@@ -320,7 +291,7 @@ def train(config, explicit):
                   if loader.truncated else ""))
 
     writer = CheckpointWriter()
-    trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}  # what resume.pt holds
+    trainable = trainable_names(raw_model)  # what resume.pt holds
 
     def save_state(best=False):
         checkpoint = snapshot_checkpoint(raw_model, trainable_only=not best, optimizer=optimizer.state_dict(),

@@ -8,7 +8,8 @@ from transformers import GPT2LMHeadModel
 
 from conftest import ROOT, save_random_hf_gpt2
 from lora import LoRALinear, mark_only_lora_as_trainable
-from model import GPT, GPTConfig, KVCache, count_parameters, describe_parameters, snapshot_checkpoint
+from checkpoint import snapshot_checkpoint
+from model import GPT, GPTConfig, KVCache, count_parameters, describe_parameters
 
 
 def lora_layers(model):

@@ -9,12 +9,12 @@ import torch
 
 import generate
 from conftest import ROOT, run_train
-from model import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
 from runlog import read_metrics
 
 KILLER = r"""
 import os, signal, sys
-import model, train
+import checkpoint, train
 target, nth = sys.argv[1], int(sys.argv[2])
 calls = [0]
 def wrap(original):
@@ -33,7 +33,7 @@ def wrap(original):
         return original(*args, **kwargs)
     return wrapped
 if target == "atomic_write":
-    model.atomic_write = wrap(model.atomic_write)
+    checkpoint.atomic_write = wrap(checkpoint.atomic_write)
 else:
     train.validation_loss = wrap(train.validation_loss)
 train.main(sys.argv[3:])

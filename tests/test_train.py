@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_train
-from model import GPT, load_checkpoint
+from checkpoint import load_checkpoint
+from model import GPT
 
 CHECKPOINT_KEYS = {"version", "model", "model_args", "optimizer", "iter_num", "best_val_loss", "config"}
 
