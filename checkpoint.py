@@ -48,11 +48,12 @@ def trainable_names(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def snapshot_checkpoint(model, trainable_only=False, **extra):
+def snapshot_checkpoint(model, trainable_only=False, copy=True, **extra):
     """The checkpoint of model (never with merged LoRA weights; with trainable_only, just the
     parameters that train) with its model_args and the extra entries, as it is now: what training
     changes (trainable parameters, tensors in extra) is copied to host memory, so training can go
-    on while it is written. Frozen weights are not copied: write it before LoRA merges them."""
+    on while it is written. Frozen weights are not copied: write it before LoRA merges them.
+    With copy=False nothing is copied: for a write that finishes before training resumes."""
     if any(getattr(m, "has_weights_merged", False) for m in model.modules()):
         raise RuntimeError("refusing to save merged LoRA weights; call model.train() first")
     trainable = trainable_names(model)
@@ -60,13 +61,14 @@ def snapshot_checkpoint(model, trainable_only=False, **extra):
     for name, t in model.state_dict(keep_vars=True).items():
         if trainable_only and name not in trainable:
             continue
-        if t.requires_grad:
+        if t.requires_grad and copy:
             if id(t) not in copies:  # tied weights (wte, lm_head) are copied once and stay shared
                 copies[id(t)] = host_copy(t)
             state[name] = copies[id(t)]
         else:
             state[name] = t.detach()
-    return dict(version=CHECKPOINT_VERSION, model=state, model_args=asdict(model.config), **host_copy(extra))
+    return dict(version=CHECKPOINT_VERSION, model=state, model_args=asdict(model.config),
+                **(host_copy(extra) if copy else extra))
 
 
 def write_checkpoint(path, checkpoint):

@@ -349,7 +349,8 @@ def train(config, explicit):
     if master:
         writer.wait()
         write_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), snapshot_checkpoint(
-            raw_model, optimizer=optimizer.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss, config=config))
+            raw_model, copy=False, optimizer=optimizer.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss,
+            config=config))
         print(f"done: {iter_num} steps in {time.time() - t0:.1f} s; best validation loss {best_val_loss:.4f}")
         if config["eval_test"]:
             test_accuracy(raw_model, loader, config, device, dtype)
