@@ -1,14 +1,23 @@
-"""Checkpoint files: a snapshot of the model and training state, written atomically (on a
-background thread while training goes on), and loaded without running pickled code."""
-import contextlib
+"""Checkpoint files: what a run trained, and what rebuilds the rest.
+
+A checkpoint holds the trained tensors only: for a LoRA run its A and B matrices plus the identity
+of the base model they apply to (init_from and a fingerprint of its weights); for full fine-tuning
+every weight. Files are written atomically and loaded without running pickled code.
+"""
+import hashlib
 import os
 import pickle
-import threading
+import tempfile
 from dataclasses import asdict
 
 import torch
 
-CHECKPOINT_VERSION = 1
+from lora import mark_only_lora_as_trainable
+from model import GPT, GPTConfig
+
+CHECKPOINT_VERSION = 2
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once: new files get the usual permissions, not mkstemp's owner-only ones
 
 
 class CheckpointError(ValueError):
@@ -18,60 +27,47 @@ class CheckpointError(ValueError):
 def atomic_write(path, write):
     """Write path through a temporary file in the same directory, then rename it into place:
     a kill or a failed write leaves the previous file intact, never a torn one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
+        os.fchmod(fd, 0o666 & ~UMASK)
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        os.remove(tmp)
         if isinstance(e, OSError):
             raise OSError(f"could not write {path} ({e.strerror or e}); the previous file, if any, is intact") from None
         raise
 
 
-def host_copy(obj):
-    """obj with every tensor copied to host memory, through dicts, lists and tuples."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: host_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(host_copy(v) for v in obj)
-    return obj
-
-
-def trainable_names(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def snapshot_checkpoint(model, trainable_only=False, copy=True, **extra):
-    """The checkpoint of model (never with merged LoRA weights; with trainable_only, just the
-    parameters that train) with its model_args and the extra entries, as it is now: what training
-    changes (trainable parameters, tensors in extra) is copied to host memory, so training can go
-    on while it is written. Frozen weights are not copied: write it before LoRA merges them.
-    With copy=False nothing is copied: for a write that finishes before training resumes."""
+def trained_state(model):
+    """The parameters that train (LoRA A and B, or every weight), never with LoRA merged in."""
     if any(getattr(m, "has_weights_merged", False) for m in model.modules()):
         raise RuntimeError("refusing to save merged LoRA weights; call model.train() first")
-    trainable = trainable_names(model)
-    state, copies = {}, {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if trainable_only and name not in trainable:
-            continue
-        if t.requires_grad and copy:
-            if id(t) not in copies:  # tied weights (wte, lm_head) are copied once and stay shared
-                copies[id(t)] = host_copy(t)
-            state[name] = copies[id(t)]
-        else:
-            state[name] = t.detach()
-    return dict(version=CHECKPOINT_VERSION, model=state, model_args=asdict(model.config),
-                **(host_copy(extra) if copy else extra))
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def write_checkpoint(path, checkpoint):
+def base_fingerprint(model):
+    """Identity of the frozen weights a LoRA checkpoint applies to: every tensor's name and shape,
+    and an evenly spaced sample of its values (a fine-tune changes nearly all of them)."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not name.endswith(("lora_A", "lora_B")):
+            sample = t.detach().flatten()[::max(1, t.numel() // 1024)]
+            digest.update(f"{name}{tuple(t.shape)}".encode() + sample.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def make_checkpoint(model, base, **entries):
+    """A checkpoint dict of model's trained tensors; base is None for a self-contained model, else
+    dict(init_from=..., fingerprint=...) of the weights the tensors apply to."""
+    return dict(version=CHECKPOINT_VERSION, model=trained_state(model), model_args=asdict(model.config),
+                base=base, **entries)
+
+
+def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
@@ -94,30 +90,30 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
-class CheckpointWriter:
-    """Writes on a background thread, one write at a time, so training goes on meanwhile."""
+def load_model(checkpoint, base=None):
+    """The model a checkpoint describes. A LoRA checkpoint is applied to its base model (init_from,
+    or base= to load it from elsewhere), which must be the one it was trained on."""
+    config = GPTConfig(**checkpoint["model_args"])
+    if checkpoint["base"] is None:
+        model = GPT.uninitialized(config)
+    else:
+        base = base or checkpoint["base"]["init_from"]
+        model = GPT.from_pretrained(base, dict(dropout=config.dropout, lora_rank=config.lora_rank,
+                                               lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
+        if base_fingerprint(model) != checkpoint["base"]["fingerprint"]:
+            raise CheckpointError(f"the adapter was trained on {checkpoint['base']['init_from']} (weights "
+                                  f"{checkpoint['base']['fingerprint']}), not on {base} (weights "
+                                  f"{base_fingerprint(model)}); give the base it was trained on")
+    if config.lora_rank > 0:
+        mark_only_lora_as_trainable(model)
+    load_trained(model, checkpoint["model"])
+    return model
 
-    def __init__(self):
-        self.thread, self.error = None, None
 
-    def submit(self, write):
-        self.wait()
-        def run():
-            try:
-                write()
-            except BaseException as e:  # raised in the training thread by the next wait()
-                self.error = e
-        self.thread = threading.Thread(target=run, name="checkpoint-writer")
-        self.thread.start()
-
-    def join(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-
-    def wait(self):
-        """Block until the write in flight is done; raise its error, if it failed."""
-        self.join()
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+def load_trained(model, state):
+    """Copy a checkpoint's trained tensors into model: exactly the parameters that model trains."""
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        raise CheckpointError(f"the checkpoint's tensors do not match the model: {len(set(state) - expected)} "
+                              f"unexpected, {len(expected - set(state))} missing")
+    model.load_state_dict(state, strict=False)

@@ -2,7 +2,8 @@
 
     python train.py [config_file.py] [key=value | --key=value | --key value ...]
 
-Each flag's type is its default's type; `-` and `_` in names are interchangeable; `rank`,
+Each flag's type is its default's type (a list default makes a flag that may repeat); `-` and `_` in
+names are interchangeable; `rank`,
 `alpha` and `lr` stand for lora_rank, lora_alpha and learning_rate. A mistake exits with status 2
 and one line that names the flag.
 """
@@ -83,6 +84,7 @@ def _read_config_file(path, flags):
         default = flags[key][0]
         ok = isinstance(value, type(default)) and (isinstance(value, bool) == isinstance(default, bool))
         ok = ok or (isinstance(default, float) and type(value) is int)
+        ok = ok and not (isinstance(default, list) and not all(isinstance(v, str) for v in value))
         if not ok:
             raise UsageError(f"{path}: {name}={value!r}: expected {type(default).__name__}")
         values[key] = type(default)(value)
@@ -93,7 +95,8 @@ def _parse(flags, argv):
     config, explicit = {key: default for key, (default, _) in flags.items()}, set()
 
     def assign(key, value):
-        config[key] = value
+        repeated = isinstance(flags[key][0], list) and not isinstance(value, list)
+        config[key] = config[key] + [value] if repeated else value
         explicit.add(key)
 
     args = list(argv)

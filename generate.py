@@ -3,6 +3,7 @@
     python generate.py out_dir=runs/r16_a64            # Best Val and Last Iter checkpoints
     python generate.py init_from=gpt2-medium           # zero-shot
     python generate.py method=both                     # also the log-probability method
+    python generate.py out_dir=runs/r16_a64 text="an utterly charming film"   # classify your own reviews
 
 method=generate follows the handout: generate a few tokens after the prompt and read the label
 off their start (anything else counts as wrong). method=logprob compares the probabilities of
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError, atomic_write, load_checkpoint
+from checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model
 from configurator import UsageError, autocast, device_name, fail, parse_flags, resolve_device, resolve_dtype
 from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, encode_prompts, get_tokenizer,
                         load_rotten_tomatoes)
@@ -24,7 +25,10 @@ from model import GPT
 FLAGS = {
     "init_from": ("resume", "'resume': the checkpoints in out_dir; or gpt2, gpt2-medium, ..., a hub id or a local Hugging Face GPT-2 directory (zero-shot)"),
     "out_dir": ("out", "where the checkpoints are; results.json and predictions.json go here"),
-    "ckpt": ("both", "init_from=resume: best (ckpt.pt), last (ckpt_last.pt) or both"),
+    "ckpt": ("both", "init_from=resume: best (ckpt.pt), last (ckpt_last.pt) or both (with text or file: best)"),
+    "base": ("", "a LoRA run's base model where it is no longer at the run's init_from (a name or directory)"),
+    "text": ([], "classify this review instead of a split (repeat the flag for more)"),
+    "file": ("", "classify each line of this file instead of a split ('-' = standard input)"),
     "dataset": ("", "hub name or local directory with train/validation/test.jsonl; default: the checkpoint's, else rotten_tomatoes"),
     "split": ("test", "test or validation"),
     "num_examples": (0, "evaluate the first N examples of the split; 0 = all"),
@@ -41,6 +45,7 @@ FLAGS = {
 }
 CHECKPOINTS = {"best": ("Best Val Checkpoint", "ckpt.pt"), "last": ("Last Iter Checkpoint", "ckpt_last.pt")}
 METHODS = ("generate", "logprob")
+LABEL_NAMES = {1: "positive", 0: "negative", -1: "unparseable"}
 
 
 def parse_label(continuation):
@@ -72,14 +77,15 @@ def _progress(batches, desc):
 @torch.no_grad()
 def predict_labels(model, records, template="default", method="generate", max_new_tokens=5,
                    temperature=0.0, top_k=0, batch_size=64, device="cpu", dtype="float32"):
-    """One record per review: text, label, continuation and prediction (1, 0 or -1)."""
+    """One record per review: text, label, continuation and prediction (1, 0 or -1); with
+    method=logprob also p_positive, the probability of " positive" against " negative"."""
     model.eval()  # merges LoRA into the weights
     enc = get_tokenizer()
     room = model.config.block_size - (max_new_tokens if method == "generate" else 0)
     prompts, _ = encode_prompts([r["text"] for r in records], template, room)
     label_ids = {label: enc.encode_ordinary(word)[0] for label, word in LABEL_WORDS.items()}
     stop = (enc.eot_token, *enc.encode_ordinary("\n"), *enc.encode_ordinary("\n\n"))
-    continuations, predictions = [None] * len(records), [None] * len(records)
+    continuations, predictions, p_positive = [None] * len(records), [None] * len(records), [None] * len(records)
     for batch in _progress(_length_sorted_batches(prompts, batch_size), f"{method} {len(records)} reviews"):
         with autocast(device, dtype):
             if method == "generate":
@@ -89,13 +95,14 @@ def predict_labels(model, records, template="default", method="generate", max_ne
                     continuations[i] = enc.decode([t for t in tokens if t != enc.eot_token])
                     predictions[i] = parse_label(continuations[i])
             else:
-                logits = model.last_logits_batch([prompts[i] for i in batch])
-                positive = logits[:, label_ids[1]] > logits[:, label_ids[0]]
-                for i, is_positive in zip(batch, positive.tolist()):
-                    predictions[i] = int(is_positive)
+                logits = model.last_logits_batch([prompts[i] for i in batch]).float()
+                positive, negative = logits[:, label_ids[1]], logits[:, label_ids[0]]
+                for i, is_positive, p in zip(batch, (positive > negative).tolist(),
+                                             torch.sigmoid(positive - negative).tolist()):
+                    predictions[i], p_positive[i] = int(is_positive), p
                     continuations[i] = LABEL_WORDS[predictions[i]]
-    return [dict(text=r["text"], label=r["label"], continuation=c, prediction=p)
-            for r, c, p in zip(records, continuations, predictions)]
+    return [dict(text=r["text"], label=r["label"], continuation=c, prediction=p, **({} if q is None else dict(p_positive=q)))
+            for r, c, p, q in zip(records, continuations, predictions, p_positive)]
 
 
 def summarize(predictions):
@@ -128,6 +135,35 @@ def evaluate(model, name, records, methods, settings, device, dtype):
     return rows, sets
 
 
+def classify(model, texts, settings, device, dtype):
+    """Print, for each review, the label read off the generated answer, p(positive) and the answer."""
+    records = [dict(text=t, label=None) for t in texts]
+    answers, scores = (predict_labels(model, records, settings["prompt_template"], method, settings["max_new_tokens"],
+                                      settings["temperature"], settings["top_k"], settings["batch_size"], device, dtype)
+                       for method in METHODS)
+    for answer, score in zip(answers, scores):
+        print(f"{LABEL_NAMES[answer['prediction']]:<11}  p(positive)={score['p_positive']:.3f}  "
+              f"answer={json.dumps(answer['continuation'])}  {answer['text']}")
+    return [dict(a, p_positive=s["p_positive"]) for a, s in zip(answers, scores)]
+
+
+def read_reviews(config):
+    """The reviews given with text= and file= (one per line, '-' = standard input)."""
+    texts = list(config["text"])
+    if config["file"] == "-":
+        texts += sys.stdin.read().splitlines()
+    elif config["file"]:
+        try:
+            with open(config["file"], encoding="utf-8") as f:
+                texts += f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"file={config['file']!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    texts = [t.strip() for t in texts if t.strip()]
+    if not texts:
+        raise UsageError("text= and file= hold no review to classify")
+    return texts
+
+
 def write_results(out_dir, split, settings, rows, sets):
     def dump(obj):
         return lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode())
@@ -142,9 +178,9 @@ def _select(records, num_examples, split):
 
 
 def main(argv):
-    config, _ = parse_flags("generate.py", FLAGS, argv, __doc__)
+    config, explicit = parse_flags("generate.py", FLAGS, argv, __doc__)
     try:
-        return run(config)
+        return run(config, explicit)
     except (UsageError, DataError, CheckpointError) as e:
         if config["debug"]:
             raise
@@ -170,8 +206,12 @@ def _check(config):
         raise UsageError(f"out_dir={config['out_dir']!r} is a file, not a directory")
 
 
-def run(config):
+def run(config, explicit=()):
     _check(config)
+    own_reviews = bool(config["text"] or config["file"])
+    if own_reviews and "ckpt" not in explicit:
+        config = dict(config, ckpt="best")
+    texts = read_reviews(config) if own_reviews else None
     device = resolve_device(config["device"])
     dtype = resolve_dtype(config["dtype"], device)
     torch.manual_seed(config["seed"])
@@ -185,7 +225,7 @@ def run(config):
             if not os.path.isfile(path):
                 raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={out_dir}")
             checkpoint = load_checkpoint(path)
-            models.append((name, lambda c=checkpoint: GPT.from_checkpoint(c), checkpoint.get("config", {})))
+            models.append((name, lambda c=checkpoint: load_model(c, config["base"] or None), checkpoint["config"]))
     else:
         models.append(("Zero-shot " + config["init_from"], lambda: GPT.from_pretrained(config["init_from"]), {}))
     trained_with = models[0][2]
@@ -194,15 +234,18 @@ def run(config):
     settings["device"] = device_name(device)
     settings["dataset"] = config["dataset"] or trained_with.get("dataset", "rotten_tomatoes")
     settings["prompt_template"] = config["prompt_template"] or trained_with.get("prompt_template", "default")
+    if own_reviews:
+        for name, build, _ in models:
+            if len(models) > 1:
+                print(name)
+            classify(load(build, device), texts, settings, device, dtype)
+        return None
     records = _select(load_rotten_tomatoes(settings["dataset"])[config["split"]], config["num_examples"], config["split"])
     methods = METHODS if config["method"] == "both" else (config["method"],)
     os.makedirs(out_dir, exist_ok=True)
     rows, sets = [], []
     for name, build, _ in models:
-        try:
-            model = build().to(device)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        model = load(build, device)
         r, s = evaluate(model, name, records, methods, settings, device, dtype)
         rows += r
         sets += s
@@ -210,6 +253,15 @@ def run(config):
     write_results(out_dir, config["split"], settings, rows, sets)
     print(f"wrote {os.path.join(out_dir, 'results.json')} and predictions.json")
     return rows
+
+
+def load(build, device):
+    try:
+        return build().to(device)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

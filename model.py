@@ -270,6 +270,8 @@ class GPT(nn.Module):
         """GPT-2 weights from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, any GPT-2 hub
         id) or a local Hugging Face GPT-2 directory. override_args may set dropout and lora_*."""
         from transformers import GPT2LMHeadModel  # only this path needs transformers
+        from transformers.utils.logging import disable_progress_bar
+        disable_progress_bar()  # a bar per load would bury our own output
 
         override_args = dict(override_args or {})
         allowed = {"dropout", "lora_rank", "lora_alpha", "lora_dropout"}
@@ -293,13 +295,6 @@ class GPT(nn.Module):
             if isinstance(module, LoRALinear) and module.is_lora():
                 module.reset_parameters()
         model.load_hf_state_dict(hf.state_dict())
-        return model
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint):
-        """The model saved in a checkpoint dict (see checkpoint.py)."""
-        model = cls.uninitialized(GPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
         return model
 
     @classmethod
@@ -334,6 +329,24 @@ class GPT(nn.Module):
         missing = {k for k in sd if k not in loaded and "lora_" not in k and k != "lm_head.weight"}
         if missing:
             raise ValueError(f"GPT-2 checkpoint lacks {sorted(missing)[:3]} ({len(missing)} tensors)")
+
+    @torch.no_grad()
+    def hf_state_dict(self):
+        """The inverse of load_hf_state_dict: this model's weights (LoRA merged in eval mode) as a
+        GPT2LMHeadModel state dict, q, k and v fused into c_attn, Conv1D weights stored (in, out)."""
+        sd = self.state_dict()
+        hf_sd = {}
+        for key, value in sd.items():
+            if "lora_" in key or key == "lm_head.weight" or ".k_attn." in key or ".v_attn." in key:
+                continue  # k and v join q in c_attn; lm_head is tied to wte
+            if ".q_attn." in key:
+                prefix, kind = key.rsplit(".q_attn.", 1)
+                fused = torch.cat([sd[f"{prefix}.{proj}.{kind}"] for proj in ("q_attn", "k_attn", "v_attn")])
+                hf_sd[f"{prefix}.c_attn.{kind}"] = fused.t() if kind == "weight" else fused
+            else:
+                hf_sd[key] = value.t() if key.endswith(("c_fc.weight", "c_proj.weight")) else value
+        return {k: v.contiguous() for k, v in hf_sd.items()}
+
 
 def count_parameters(model):
     """(trainable, total) parameter counts; tied weights count once."""

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from configurator import UsageError, autocast, device_name, fail, parse_flags, resolve_device, resolve_dtype
 from dataloader import PROMPT_TEMPLATES, CustomDataLoader, DataError, load_rotten_tomatoes
 from lora import mark_only_lora_as_trainable
-from checkpoint import (CheckpointError, CheckpointWriter, load_checkpoint, snapshot_checkpoint, trainable_names,
-                        write_checkpoint)
+from checkpoint import (CheckpointError, base_fingerprint, load_checkpoint, load_model, load_trained, make_checkpoint,
+                        save_checkpoint)
 from model import GPT, IGNORE_INDEX, GPTConfig, describe_parameters
 from runlog import RunLog
 
@@ -117,7 +117,7 @@ def holds_run(out_dir):
 def remove_stale_temporaries(out_dir):
     """Temporary files left by a run that was killed while writing."""
     for name in os.listdir(out_dir):
-        if re.fullmatch(r".+\.tmp-\d+", name):
+        if re.fullmatch(r"\.(ckpt\.pt|ckpt_last\.pt|resume\.pt|metrics\.jsonl|results\.json|predictions\.json)\..+\.tmp", name):
             os.remove(os.path.join(out_dir, name))
 
 
@@ -128,6 +128,12 @@ def resume_config(config, explicit):
         raise UsageError(f"init_from=resume: no {path} to resume from; "
                          f"start the run with: python train.py out_dir={config['out_dir']}")
     state = load_checkpoint(path)
+    if "weights_in" in state:  # a finished run keeps its last weights in ckpt_last.pt only
+        last = load_checkpoint(os.path.join(config["out_dir"], state["weights_in"]))
+        if last["iter_num"] != state["iter_num"]:
+            raise CheckpointError(f"{path} is at iteration {state['iter_num']} but {state['weights_in']} "
+                                  f"at {last['iter_num']}; they are not of the same moment")
+        state["model"] = last["model"]
     saved = state["config"]
     for key in ARCHITECTURE:
         if key in explicit and config[key] != saved[key]:
@@ -138,24 +144,27 @@ def resume_config(config, explicit):
 
 
 def build_model(config, state):
-    """The model to train: pretrained (+ LoRA), scratch, or rebuilt from a resume state."""
-    if config["init_from"] == "scratch":  # every weight trains; LoRA on random weights would make no sense
-        model = GPT(GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
-                              n_embd=config["n_embd"], dropout=config["dropout"]))
-    else:
-        lora = {k: config[k] for k in ("lora_rank", "lora_alpha", "lora_dropout")}
-        try:
+    """(model, base): the model to train, pretrained (+ LoRA), scratch, or the resumed run's, and
+    the identity of the frozen weights its checkpoints apply to (None when every weight trains)."""
+    try:
+        if state is not None:
+            model = load_model(state, base=config["init_from"])
+            base = state["base"] and dict(state["base"], init_from=config["init_from"])
+        elif config["init_from"] == "scratch":  # every weight trains; LoRA on random weights makes no sense
+            model, base = GPT(GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"],
+                                        n_head=config["n_head"], n_embd=config["n_embd"], dropout=config["dropout"])), None
+        else:
+            lora = {k: config[k] for k in ("lora_rank", "lora_alpha", "lora_dropout")}
             model = GPT.from_pretrained(config["init_from"], dict(dropout=config["dropout"], **lora))
-        except ValueError as e:
-            raise UsageError(f"init_from={config['init_from']!r}: {e}") from None
-    if model.config.lora_rank > 0:
-        mark_only_lora_as_trainable(model)
-    if state is not None:  # resume.pt holds the trainable parameters; the rest is init_from
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(state["model"]) != trainable:
-            raise CheckpointError("resume.pt does not match the model that init_from builds")
-        model.load_state_dict(state["model"], strict=False)
-    return model
+            base = None
+            if model.config.lora_rank > 0:  # LoRA: only A and B train; checkpoints hold just those
+                mark_only_lora_as_trainable(model)
+                base = dict(init_from=config["init_from"], fingerprint=base_fingerprint(model))
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise UsageError(f"init_from={config['init_from']!r}: {e}") from None
+    return model, base
 
 
 def rng_state(device):
@@ -263,7 +272,8 @@ def train(config, explicit):
         raise UsageError(f"batch_size x gradient_accumulation_steps = {step_examples} is not divisible by {world} processes")
     torch.manual_seed(config["seed"] + rank)
 
-    raw_model = build_model(config, state).to(device)
+    raw_model, base = build_model(config, state)
+    raw_model.to(device)
     loader = CustomDataLoader(records, raw_model.config.block_size, config["prompt_template"],
                               config["mask_prompt"], config["seed"])
     optimizer = make_optimizer(raw_model, config, device, state)
@@ -290,25 +300,17 @@ def train(config, explicit):
                   f"; {loader.truncated} reviews truncated to fit {raw_model.config.block_size} tokens"
                   if loader.truncated else ""))
 
-    writer = CheckpointWriter()
-    trainable = trainable_names(raw_model)  # what resume.pt holds
+    def checkpoint(**entries):
+        return make_checkpoint(raw_model, base, iter_num=iter_num, best_val_loss=best_val_loss, config=config, **entries)
 
-    def save_state(best=False):
-        checkpoint = snapshot_checkpoint(raw_model, trainable_only=not best, optimizer=optimizer.state_dict(),
-                                         scaler=scaler.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss,
-                                         config=config, rng=rng_state(device))
-        resume = dict(checkpoint, model={n: t for n, t in checkpoint["model"].items() if n in trainable})
+    def save(name, checkpoint):
+        save_checkpoint(os.path.join(out_dir, name), checkpoint)
 
-        def write():
-            if best:  # before resume.pt, so resume.pt never claims a best that ckpt.pt lacks
-                write_checkpoint(os.path.join(out_dir, "ckpt.pt"), checkpoint)
-            write_checkpoint(os.path.join(out_dir, "resume.pt"), resume)
-        writer.submit(write)
+    def save_resume_state():
+        save("resume.pt", checkpoint(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng_state(device)))
 
     def evaluate():
         nonlocal best_val_loss
-        t_wait = time.time()
-        writer.wait()  # the snapshot being written holds the frozen weights, which evaluation merges
         t_val = time.time()
         val_loss = validation_loss(raw_model, loader, config, device, dtype)
         if not math.isfinite(val_loss):
@@ -316,41 +318,41 @@ def train(config, explicit):
         improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
         if master:
             log.log(iter=iter_num, val_loss=val_loss, val_time=round(time.time() - t_val, 3),
-                    ckpt_wait=round(t_val - t_wait, 3), elapsed=round(time.time() - t0, 2))
-            save_state(best=improved)
+                    elapsed=round(time.time() - t0, 2))
+            if improved:  # before resume.pt, so resume.pt never claims a best that ckpt.pt lacks
+                save("ckpt.pt", checkpoint())
+            save_resume_state()
             tqdm.write(f"iter {iter_num}: validation loss {val_loss:.4f}" + (" (best so far: ckpt.pt)" if improved else ""))
         return val_loss
 
     t0 = time.time() - (log.elapsed_before if master else 0.0)  # elapsed counts across resumed sessions
-    try:
-        val_loss = evaluate() if state is None else best_val_loss
-        with tqdm(total=config["max_iters"], initial=iter_num, desc="train", unit="step", disable=not master,
-                  file=sys.stderr) as bar:
-            while iter_num < config["max_iters"]:
-                t_step = time.time()
-                train_loss, tokens = train_step(model, loader, optimizer, scaler, iter_num, config, rank, world, device, dtype)
-                if not math.isfinite(train_loss):
-                    raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
-                iter_num += 1
-                step_time = time.time() - t_step
-                if master:
-                    log.log(iter=iter_num, train_loss=train_loss, lr=config["learning_rate"], tokens=tokens,
-                            step_time=round(step_time, 4), elapsed=round(time.time() - t0, 2))
-                if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
-                    val_loss = evaluate()
-                elif master and config["ckpt_interval"] and iter_num % config["ckpt_interval"] == 0:
-                    save_state()
-                bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
-                                tok_s=f"{tokens / step_time:,.0f}", refresh=False)
-                bar.update(1)
-    finally:  # a write in flight completes even when training stops on an error
-        writer.join()
+    val_loss = evaluate() if state is None else best_val_loss
+    with tqdm(total=config["max_iters"], initial=iter_num, desc="train", unit="step", disable=not master,
+              file=sys.stderr) as bar:
+        while iter_num < config["max_iters"]:
+            t_step = time.time()
+            train_loss, tokens = train_step(model, loader, optimizer, scaler, iter_num, config, rank, world, device, dtype)
+            if not math.isfinite(train_loss):
+                raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
+            iter_num += 1
+            step_time = time.time() - t_step
+            if master:
+                log.log(iter=iter_num, train_loss=train_loss, lr=config["learning_rate"], tokens=tokens,
+                        step_time=round(step_time, 4), elapsed=round(time.time() - t0, 2))
+            if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
+                val_loss = evaluate()
+            elif master and config["ckpt_interval"] and iter_num % config["ckpt_interval"] == 0:
+                save_resume_state()
+            bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
+                            tok_s=f"{tokens / step_time:,.0f}", refresh=False)
+            bar.update(1)
 
     if master:
-        writer.wait()
-        write_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), snapshot_checkpoint(
-            raw_model, copy=False, optimizer=optimizer.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss,
-            config=config))
+        last = checkpoint()
+        save("ckpt_last.pt", last)
+        # a finished run's resume.pt takes its weights from ckpt_last.pt instead of holding a second copy
+        save("resume.pt", dict(last, model={}, weights_in="ckpt_last.pt", optimizer=optimizer.state_dict(),
+                               scaler=scaler.state_dict(), rng=rng_state(device)))
         print(f"done: {iter_num} steps in {time.time() - t0:.1f} s; best validation loss {best_val_loss:.4f}")
         if config["eval_test"]:
             test_accuracy(raw_model, loader, config, device, dtype)
@@ -368,7 +370,7 @@ def test_accuracy(model, loader, config, device, dtype):
     records = loader.records["test"]
     rows, sets = generate.evaluate(model, "Last Iter Checkpoint", records, ["generate"], settings, device, dtype)
     model.train()
-    model.load_state_dict(load_checkpoint(os.path.join(config["out_dir"], "ckpt.pt"), device)["model"])
+    load_trained(model, load_checkpoint(os.path.join(config["out_dir"], "ckpt.pt"), device)["model"])
     best_rows, best_sets = generate.evaluate(model, "Best Val Checkpoint", records, ["generate"], settings, device, dtype)
     generate.write_results(config["out_dir"], "test", settings, best_rows + rows, best_sets + sets)
 

@@ -2,11 +2,13 @@ import contextlib
 import io
 import json
 import os
+import sys
 
 import pytest
 import torch
 
 import generate
+from checkpoint import load_checkpoint, load_model
 from conftest import run_train
 from dataloader import encode_prompts, get_tokenizer, load_rotten_tomatoes
 from generate import parse_label, predict_labels, summarize
@@ -126,7 +128,8 @@ def test_generate_evaluates_both_checkpoints(trained_run, capsys):
         assert (row["checkpoint"], row["method"]) == (pred_set["checkpoint"], pred_set["method"])
         assert len(pred_set["records"]) == row["total"] == 64
         assert summarize(pred_set["records"]) == {k: row[k] for k in summarize(pred_set["records"])}
-        assert set(pred_set["records"][0]) == {"text", "label", "continuation", "prediction"}
+        fields = {"text", "label", "continuation", "prediction"} | ({"p_positive"} if row["method"] == "logprob" else set())
+        assert all(set(r) == fields for r in pred_set["records"])
 
 
 def test_zero_shot_on_a_local_directory(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
@@ -168,3 +171,36 @@ def test_checkpoint_template_is_the_default_and_sampling_is_seeded(hf_gpt2_dir, 
     generate.main([f"out_dir={out}", "ckpt=last", "device=cpu"])
     greedy = [r["continuation"] for r in json.loads((out / "predictions.json").read_text())[0]["records"]]
     assert greedy != sampled[0]
+
+
+def test_classify_your_own_reviews(trained_run, tmp_path, monkeypatch, capsys):
+    out, _ = trained_run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    reviews = ["an utterly charming film", "a dull , lifeless mess", "not bad at all"]
+    (tmp_path / "reviews.txt").write_text(f"{reviews[1]}\n\n")
+    capsys.readouterr()
+    generate.main([f"out_dir={out}", f"text={reviews[0]}", f"file={tmp_path / 'reviews.txt'}", "device=cpu"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{reviews[2]}\n"))
+    generate.main([f"out_dir={out}", "file=-", "device=cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    model = load_model(load_checkpoint(out / "ckpt.pt")).eval()  # the best checkpoint, unless ckpt= says
+    assert len(lines) == 3
+    for review, line in zip(reviews, lines):
+        (prompt,), _ = encode_prompts([review])
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt]))[0][0, -1]
+        p_positive = torch.sigmoid(logits[3967] - logits[4633]).item()
+        answer = predict_labels(model, [dict(text=review, label=None)])[0]["continuation"]
+        assert line == (f"{generate.LABEL_NAMES[parse_label(answer)]:<11}  p(positive)={p_positive:.3f}  "
+                        f"answer={json.dumps(answer)}  {review}")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+
+def test_classify_nothing_is_a_usage_error(trained_run, tmp_path, capsys):
+    out, _ = trained_run
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    for flag, message in ((f"file={tmp_path / 'empty.txt'}", "text= and file= hold no review to classify"),
+                          (f"file={tmp_path / 'missing.txt'}", f"file='{tmp_path / 'missing.txt'}': cannot read it (No such file or directory)")):
+        with pytest.raises(SystemExit) as e:
+            generate.main([f"out_dir={out}", flag, "device=cpu"])
+        assert e.value.code == 2 and capsys.readouterr().err == f"generate.py: error: {message}\n"

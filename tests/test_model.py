@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import ROOT, save_random_hf_gpt2
 from lora import LoRALinear, mark_only_lora_as_trainable
-from checkpoint import snapshot_checkpoint
+from checkpoint import base_fingerprint, load_model, make_checkpoint
 from model import GPT, GPTConfig, KVCache, count_parameters, describe_parameters
 
 
@@ -60,7 +60,8 @@ def test_loading_skips_the_random_init_and_seeds_the_lora_init(hf_gpt2_dir, monk
     monkeypatch.setattr(torch.nn.init, "normal_", normal_)
     torch.manual_seed(3)
     model = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=16.0))
-    copy = GPT.from_checkpoint(snapshot_checkpoint(model))
+    mark_only_lora_as_trainable(model)
+    copy = load_model(make_checkpoint(model, dict(init_from=str(hf_gpt2_dir), fingerprint=base_fingerprint(model))))
     assert initialised and set(initialised) == {"meta"}  # GPT-2's random init touched no real weight
     torch.manual_seed(3)
     again = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=16.0))

@@ -2,23 +2,27 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 
 from conftest import ROOT, run_train
-from checkpoint import load_checkpoint
+from checkpoint import base_fingerprint, load_checkpoint, load_model
 from model import GPT
 
-CHECKPOINT_KEYS = {"version", "model", "model_args", "optimizer", "iter_num", "best_val_loss", "config"}
+EVALUATION_KEYS = {"version", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
+LORA_NAMES = {f"transformer.h.{i}.attn.{p}_attn.lora_{m}" for i in range(2) for p in "qkv" for m in "AB"}
 
 
 def metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_lora_run_moves_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+def tensor_bytes(state):
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def test_lora_run_stores_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
     out = tmp_path / "lora"
     run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=4",
               "rank=8", "alpha=32", "lr=1e-2")
@@ -26,78 +30,72 @@ def test_lora_run_moves_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path,
     printed = capsys.readouterr().out
     assert "trainable parameters: 6,144 of 3,339,072 (0.18%)" in printed
     assert "no wandb key: logging locally" in printed
-    start = GPT.from_pretrained(str(hf_gpt2_dir)).state_dict()
+    base = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=32.0))
     for name in ("ckpt.pt", "ckpt_last.pt"):
         ckpt = load_checkpoint(out / name)
-        assert CHECKPOINT_KEYS <= set(ckpt)
+        assert set(ckpt) == EVALUATION_KEYS  # no optimizer state: these are for evaluation
+        assert set(ckpt["model"]) == LORA_NAMES
+        assert ckpt["base"] == dict(init_from=str(hf_gpt2_dir), fingerprint=base_fingerprint(base))
         assert ckpt["model_args"]["lora_rank"] == 8 and ckpt["config"]["lora_alpha"] == 32.0
-        moved = set()
-        for key, value in ckpt["model"].items():
-            if "lora_" in key:
-                continue
-            assert torch.equal(value, start[key]), key  # base weights exactly as loaded
-        for key, value in ckpt["model"].items():
-            if key.endswith("lora_B") and value.abs().sum() > 0:
-                moved.add(key)
-        assert len(moved) == 6 or name == "ckpt.pt"
+        # the file is the adapters' bytes (6 x 2 x 8 x 64 float32) plus a small overhead
+        assert tensor_bytes(ckpt["model"]) == 24_576
+        assert 0 < (out / name).stat().st_size - 24_576 < 12_000
+        model = load_model(ckpt)
+        for key, value in model.state_dict().items():  # the base comes back from init_from, exactly
+            expected = ckpt["model"][key] if key in LORA_NAMES else base.state_dict()[key]
+            assert torch.equal(value, expected), key
     last = load_checkpoint(out / "ckpt_last.pt")
-    assert last["iter_num"] == 4
+    assert last["iter_num"] == 4 and all(t.any() for k, t in last["model"].items() if k.endswith("lora_B"))
+    resume = load_checkpoint(out / "resume.pt")  # finished: optimizer here, weights in ckpt_last.pt
+    assert resume["model"] == {} and resume["weights_in"] == "ckpt_last.pt" and resume["iter_num"] == 4
+    assert len(resume["optimizer"]["state"]) == 12
     rows = metrics(out)
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4]
-    assert all(r["val_time"] > 0 and r["ckpt_wait"] >= 0 for r in rows if "val_loss" in r)
+    assert all(r["val_time"] > 0 for r in rows if "val_loss" in r)
     assert [r["iter"] for r in rows if "train_loss" in r] == [1, 2, 3, 4]
     assert last["best_val_loss"] == min(r["val_loss"] for r in rows if "val_loss" in r)
     best = load_checkpoint(out / "ckpt.pt")
     assert best["best_val_loss"] == last["best_val_loss"]
 
 
-def test_full_fine_tuning_moves_the_base_weights(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+def test_resume_pt_of_an_unfinished_run_holds_adapters_and_optimizer(hf_gpt2_dir, small_data_dir, tmp_path,
+                                                                      monkeypatch):
+    import train
+    real, calls = train.validation_loss, []
+
+    def stop_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("stopped")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "validation_loss", stop_at_the_third)
+    out = tmp_path / "lora"
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=4", "rank=8")
+    resume = load_checkpoint(out / "resume.pt")
+    assert resume["iter_num"] == 2 and "weights_in" not in resume and set(resume["model"]) == LORA_NAMES
+    assert len(resume["optimizer"]["state"]) == 12 and set(resume["rng"]) == {"cpu", "cuda"}
+    # adapters with their two AdamW moments, plus a small overhead
+    assert 0 < (out / "resume.pt").stat().st_size - 3 * tensor_bytes(resume["model"]) < 24_000
+
+
+def test_full_fine_tuning_stores_every_weight_once(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
     out = tmp_path / "full"
     run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=2", "rank=0")
     assert "trainable parameters: 3,332,928 of 3,332,928 (100.00%)" in capsys.readouterr().out
     start = GPT.from_pretrained(str(hf_gpt2_dir)).state_dict()
-    final = load_checkpoint(out / "ckpt_last.pt")["model"]
-    assert not any("lora_" in k for k in final)
+    final = load_checkpoint(out / "ckpt_last.pt")
+    assert set(final) == EVALUATION_KEYS and final["base"] is None  # self-contained
+    assert set(final["model"]) == set(start) - {"lm_head.weight"}  # the tied embedding is stored once
+    assert 0 < (out / "ckpt_last.pt").stat().st_size - tensor_bytes(final["model"]) < 40_000
     for key in ("transformer.h.0.attn.q_attn.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.wte.weight"):
-        assert not torch.equal(final[key], start[key]), key
-    for name in ("ckpt.pt", "ckpt_last.pt"):  # the tied embedding is stored once
-        model = load_checkpoint(out / name)["model"]
-        assert model["lm_head.weight"].data_ptr() == model["transformer.wte.weight"].data_ptr()
-    resume = load_checkpoint(out / "resume.pt")["model"]
-    assert set(resume) == set(final) - {"lm_head.weight"}
+        assert not torch.equal(final["model"][key], start[key]), key
+    model = load_model(final)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    for key, value in final["model"].items():
+        assert torch.equal(model.state_dict()[key], value), key
     run_train("init_from=resume", f"out_dir={out}", "max_iters=3")
     assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 3
-
-
-def test_training_goes_on_while_a_checkpoint_is_written(hf_gpt2_dir, small_data_dir, tmp_path, monkeypatch):
-    import train
-    events, stepped = [], threading.Event()
-    real_step, real_write = train.train_step, train.write_checkpoint
-
-    def step(*args, **kwargs):
-        result = real_step(*args, **kwargs)
-        events.append("step")
-        stepped.set()
-        return result
-
-    def slow_write(path, checkpoint):
-        name = os.path.basename(path)
-        if not events:  # the first checkpoint is held back until training has taken a step
-            assert stepped.wait(timeout=120)
-            # and it is still the state at iteration 0, although the model has moved on
-            assert checkpoint["iter_num"] == 0 and checkpoint["optimizer"]["state"] == {}
-            assert all(not t.any() for k, t in checkpoint["model"].items() if k.endswith("lora_B"))
-        real_write(path, checkpoint)
-        events.append(name)
-
-    monkeypatch.setattr(train, "train_step", step)
-    monkeypatch.setattr(train, "write_checkpoint", slow_write)
-    out = tmp_path / "run"
-    run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=2",
-              "rank=8", "alpha=32", "lr=1e-2")
-    assert events[0] == "step" and events.count("step") == 2 and events[-1] == "ckpt_last.pt"
-    resume = load_checkpoint(out / "resume.pt")
-    assert resume["iter_num"] == 2 and any(t.any() for k, t in resume["model"].items() if k.endswith("lora_B"))
 
 
 def test_scratch_model_learns_the_task(small_data_dir, tmp_path):
@@ -121,7 +119,7 @@ def test_micro_batch_split_does_not_change_the_step(hf_gpt2_dir, small_data_dir,
               "lora_dropout=0", "lr=1e-2")
     run_train(*common, f"out_dir={tmp_path / 'a'}", "batch_size=8", "gradient_accumulation_steps=1")
     run_train(*common, f"out_dir={tmp_path / 'b'}", "batch_size=2", "gradient_accumulation_steps=4")
-    a, b = trainable_params(tmp_path / "a" / "resume.pt"), trainable_params(tmp_path / "b" / "resume.pt")
+    a, b = trainable_params(tmp_path / "a" / "ckpt_last.pt"), trainable_params(tmp_path / "b" / "ckpt_last.pt")
     assert a.keys() == b.keys() and len(a) == 12
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
@@ -172,7 +170,7 @@ def test_torchrun_two_processes_on_cpu(hf_gpt2_dir, small_data_dir, tmp_path):
     # two processes of 4 examples each take the same step as one process of 8
     run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'one'}", "max_iters=2",
               "rank=8", "batch_size=8", "gradient_accumulation_steps=1", "lora_dropout=0")
-    ddp, one = trainable_params(out / "resume.pt"), trainable_params(tmp_path / "one" / "resume.pt")
+    ddp, one = trainable_params(out / "ckpt_last.pt"), trainable_params(tmp_path / "one" / "ckpt_last.pt")
     for key in one:
         torch.testing.assert_close(ddp[key], one[key], rtol=0, atol=1e-6)
 

@@ -1,0 +1,128 @@
+"""Export a run's checkpoint to the Hugging Face ecosystem.
+
+    python export.py out_dir=runs/r16_a64 format=peft dest=adapters/r16_a64   # a PEFT LoRA adapter
+    python export.py out_dir=runs/r16_a64 format=hf dest=models/r16_a64       # a merged GPT-2
+
+format=peft writes adapter_config.json and adapter_model.safetensors, which PEFT applies to the base
+model: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), dest). GPT-2 computes q, k
+and v in one fused c_attn layer, so our three adapters become one: the three A matrices stacked, the
+three B matrices on the diagonal of one block matrix, with rank 3r and alpha 3 alpha (the same
+scaling alpha / r). format=hf merges the update into the weights and writes a GPT2LMHeadModel
+directory (config.json, model.safetensors) that transformers loads, and that is a valid init_from.
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from checkpoint import UMASK, CheckpointError, load_checkpoint, load_model
+from configurator import UsageError, fail, parse_flags
+
+FLAGS = {
+    "out_dir": ("out", "the run to export"),
+    "ckpt": ("best", "best (ckpt.pt) or last (ckpt_last.pt)"),
+    "format": ("peft", "peft (a LoRA adapter for Hugging Face PEFT) or hf (a merged Hugging Face GPT-2)"),
+    "dest": ("", "the directory to write; it must not exist yet, or be empty"),
+    "base": ("", "a LoRA run's base model where it is no longer at the run's init_from (a name or directory)"),
+    "debug": (False, "show full tracebacks"),
+}
+CHECKPOINT_FILES = {"best": "ckpt.pt", "last": "ckpt_last.pt"}
+
+
+def peft_adapter(checkpoint):
+    """(adapter_config, tensors): a LoRA checkpoint as one PEFT adapter on each layer's c_attn."""
+    args = checkpoint["model_args"]
+    lora = checkpoint["model"]
+    tensors = {}
+    for layer in range(args["n_layer"]):
+        ours, theirs = f"transformer.h.{layer}.attn", f"base_model.model.transformer.h.{layer}.attn.c_attn"
+        # c_attn(x) = [q | k | v]; x A^T stacks the three rank-r codes, the block-diagonal B maps each to its part
+        tensors[f"{theirs}.lora_A.weight"] = torch.cat([lora[f"{ours}.{p}_attn.lora_A"] for p in "qkv"])
+        tensors[f"{theirs}.lora_B.weight"] = torch.block_diag(*[lora[f"{ours}.{p}_attn.lora_B"] for p in "qkv"])
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=checkpoint["base"]["init_from"],
+                  r=3 * args["lora_rank"], lora_alpha=3 * args["lora_alpha"], lora_dropout=args["lora_dropout"],
+                  target_modules=["c_attn"], fan_in_fan_out=True, bias="none", inference_mode=True)
+    return config, {k: v.contiguous() for k, v in tensors.items()}
+
+
+def write_peft(checkpoint, dest):
+    from safetensors.torch import save_file
+    config, tensors = peft_adapter(checkpoint)
+    with open(os.path.join(dest, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(dest, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def write_hf(model, dest):
+    from safetensors.torch import save_file
+    from transformers import GPT2Config
+    c = model.config
+    GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+               n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout).save_pretrained(dest)
+    save_file(model.eval().hf_state_dict(), os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
+
+
+def check_dest(dest):
+    if not dest:
+        raise UsageError("dest= is required: the directory to write the export to")
+    if os.path.isdir(dest) and os.listdir(dest):
+        raise UsageError(f"dest={dest!r} exists and is not empty; choose a new directory")
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise UsageError(f"dest={dest!r} is a file, not a directory")
+
+
+def export(config):
+    if config["format"] not in ("peft", "hf"):
+        raise UsageError(f"format={config['format']!r}: expected peft or hf")
+    if config["ckpt"] not in CHECKPOINT_FILES:
+        raise UsageError(f"ckpt={config['ckpt']!r}: expected best or last")
+    dest = config["dest"]
+    check_dest(dest)
+    path = os.path.join(config["out_dir"], CHECKPOINT_FILES[config["ckpt"]])
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={config['out_dir']}")
+    checkpoint = load_checkpoint(path)
+    if config["format"] == "peft" and checkpoint["base"] is None:
+        raise UsageError(f"{path} is not a LoRA run (it trained every weight); export it with format=hf")
+    model = None
+    if config["format"] == "hf":
+        try:
+            model = load_model(checkpoint, config["base"] or None)
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(dest))}.", suffix=".tmp")
+    try:  # written next to dest and renamed into place: a failure leaves no half-written export
+        if model is None:
+            write_peft(checkpoint, tmp)
+        else:
+            write_hf(model, tmp)
+        for name in os.listdir(tmp):  # the usual permissions, not the temporary's owner-only ones
+            os.chmod(os.path.join(tmp, name), 0o666 & ~UMASK)
+        os.chmod(tmp, 0o777 & ~UMASK)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {dest} ({'PEFT LoRA adapter' if model is None else 'Hugging Face GPT2LMHeadModel'}) from {path}")
+
+
+def main(argv):
+    config, _ = parse_flags("export.py", FLAGS, argv, __doc__)
+    try:
+        export(config)
+    except (UsageError, CheckpointError) as e:
+        if config["debug"]:
+            raise
+        fail("export.py", str(e))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
