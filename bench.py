@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -127,8 +128,8 @@ def peak_tflops(name):
 
 def bench_training(shape, loader, config, device, dtype, name):
     rows = []
-    n = config["batch_size"]
-    examples = loader.train_examples(0, n * (config["steps"] + 3))
+    n = config.batch_size
+    examples = loader.train_examples(0, n * (config.steps + 3))
     batches = [tuple(t.to(device) for t in loader.collate(sorted(examples[i:i + n], key=lambda e: len(e[0]))))
                for i in range(0, len(examples), n)]
     tokens = sum(len(ids) - 1 for ids, _ in examples[3 * n:])
@@ -141,7 +142,7 @@ def bench_training(shape, loader, config, device, dtype, name):
             seconds, memory, loss = time_training(model, batches, model is hf, device, dtype)
             peak = peak_tflops(name)
             rows.append(dict(what=f"train {label}", who=who, tokens_per_s=tokens / seconds,
-                             reviews_per_s=config["steps"] * n / seconds, step_ms=1000 * seconds / config["steps"],
+                             reviews_per_s=config.steps * n / seconds, step_ms=1000 * seconds / config.steps,
                              peak_memory_gib=memory, loss=loss,
                              mfu=flops * tokens / seconds / (peak * 1e12) if peak else None))
         rows[-2]["speedup"] = rows[-2]["tokens_per_s"] / rows[-1]["tokens_per_s"]
@@ -153,15 +154,16 @@ def bench_train_step(shape, loader, config, device, dtype):
     """train.py's own step (length-grouped micro-batches, clipping, AdamW) for LoRA r=128 with the
     step's reviews split into micro-batches of several sizes: the same update at different speeds."""
     settings = dict({k: default for k, (default, _) in train.FLAGS.items()}, lora_rank=128, lora_alpha=512.0)
-    per_step = 8 if config["smoke"] else settings["batch_size"] * settings["gradient_accumulation_steps"]
+    per_step = 8 if config.smoke else settings["batch_size"] * settings["gradient_accumulation_steps"]
     torch.manual_seed(0)
     model = GPT(GPTConfig(lora_rank=128, lora_alpha=512.0, lora_dropout=0.05, **shape))
     model = mark_only_lora_as_trainable(model).to(device).train()
-    warmup, steps = 2, config["steps"]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    warmup, steps = 2, config.steps
     tokens = sum(len(ids) - 1 for ids, _ in loader.train_examples(warmup * per_step, steps * per_step))
     rows = []
     for size in (per_step // 4, per_step // 2, per_step):
-        c = dict(settings, batch_size=size, gradient_accumulation_steps=per_step // size)
+        c = SimpleNamespace(**dict(settings, batch_size=size, gradient_accumulation_steps=per_step // size))
         what = f"train.py step of {per_step} reviews as {per_step // size} x {size}"
         optimizer = train.make_optimizer(model, c, device, None)
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
@@ -172,7 +174,8 @@ def bench_train_step(shape, loader, config, device, dtype):
                         torch.cuda.reset_peak_memory_stats(device)
                     synchronize(device)
                     start = time.perf_counter()
-                train.train_step(model, loader, optimizer, scaler, i, c, 0, 1, device, dtype)
+                train.forward_backward(model, loader, scaler, i, c, device=device, dtype=dtype)
+                train.clip_and_step(optimizer, scaler, trained, c.grad_clip)
             synchronize(device)
         except torch.cuda.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
@@ -229,14 +232,14 @@ def bench_evaluation(shape, loader, config, device, dtype):
         work()
         synchronize(device)
         return time.perf_counter() - start
-    validation = dict(eval_batch_size=train.FLAGS["eval_batch_size"][0], eval_iters=0)
+    validation = SimpleNamespace(eval_batch_size=train.FLAGS["eval_batch_size"][0], eval_iters=0)
     try:  # the common start of the prompts computed once per batch, and once per review
         for share, who in ((True, "ours"), (False, "ours, no sharing")):
             GPT.share_prefix = share
             rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who=who, seconds=seconds(
-                lambda: generate.predict_labels(ours, records, batch_size=config["eval_batch_size"], device=device, dtype=dtype))))
+                lambda: generate.predict_labels(ours, records, batch_size=config.eval_batch_size, device=device, dtype=dtype))))
             rows.append(dict(what=f"validation loss, {len(loader.examples['validation'])} reviews", who=who, seconds=seconds(
-                lambda: train.validation_loss(ours, loader, validation, device, dtype))))
+                lambda: train.validation_loss(ours, loader, validation, device=device, dtype=dtype))))
     finally:
         GPT.share_prefix = True
     ours.eval()
@@ -249,17 +252,17 @@ def bench_evaluation(shape, loader, config, device, dtype):
             hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=50256)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     start = time.perf_counter()
-    for i in range(0, len(order), config["eval_batch_size"]):
-        hf_generate([prompts[j] for j in order[i:i + config["eval_batch_size"]]])
+    for i in range(0, len(order), config.eval_batch_size):
+        hf_generate([prompts[j] for j in order[i:i + config.eval_batch_size]])
     synchronize(device)
     rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who="transformers", seconds=time.perf_counter() - start))
     for who, one in (("ours", lambda p: ours.generate_batch([p], 5)), ("transformers", lambda p: hf_generate([p]))):
         start = time.perf_counter()
-        for p in prompts[:config["one_at_a_time"]]:
+        for p in prompts[:config.one_at_a_time]:
             one(p)
         synchronize(device)
-        per_review = (time.perf_counter() - start) / config["one_at_a_time"]
-        rows.append(dict(what=f"evaluate one review at a time (mean of {config['one_at_a_time']})", who=who,
+        per_review = (time.perf_counter() - start) / config.one_at_a_time
+        rows.append(dict(what=f"evaluate one review at a time (mean of {config.one_at_a_time})", who=who,
                          seconds=per_review, ms_per_review=1000 * per_review))
     return rows
 
@@ -303,7 +306,7 @@ def bench_end_to_end(shape, dataset, config, device):
     with tempfile.TemporaryDirectory() as tmp:
         GPT2LMHeadModel(GPT2Config(n_positions=1024, **shape)).save_pretrained(os.path.join(tmp, "model"))
         flags = [f"init_from={tmp}/model", f"dataset={dataset}", f"out_dir={tmp}/run", f"device={device}"]
-        if config["smoke"]:
+        if config.smoke:
             flags += ["max_iters=2", "batch_size=8", "gradient_accumulation_steps=1", "eval_iters=2"]
         start = time.perf_counter()
         train.main(flags)
@@ -364,15 +367,15 @@ def print_table(rows):
 
 def main(argv):
     config, _ = parse_flags("bench.py", FLAGS, argv, __doc__)
-    if config["smoke"]:
-        config.update(batch_size=8, steps=2, eval_batch_size=16, one_at_a_time=2)
-    device = resolve_device(config["device"])
-    dtype = resolve_dtype(config["dtype"], device)
+    if config.smoke:
+        vars(config).update(batch_size=8, steps=2, eval_batch_size=16, one_at_a_time=2)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
     name = device_name(device)
-    shape = TINY if config["smoke"] else MEDIUM
-    dataset = review_data(config["dataset"])
+    shape = TINY if config.smoke else MEDIUM
+    dataset = review_data(config.dataset)
     loader = CustomDataLoader(dataset)
-    if config["smoke"]:
+    if config.smoke:
         loader.records["test"], loader.examples["test"] = loader.records["test"][:24], loader.examples["test"][:24]
     print(f"bench on {name} ({dtype}), model {shape}, torch {torch.__version__}")
     rows = bench_training(shape, loader, config, device, dtype, name)
@@ -380,16 +383,16 @@ def main(argv):
     rows += bench_activation_memory(shape, loader, device, dtype)
     rows += bench_evaluation(shape, loader, config, device, dtype)
     rows += bench_checkpoint_writes(shape)
-    if config["end_to_end"]:
+    if config.end_to_end:
         rows += bench_end_to_end(shape, dataset, config, device)
     train_ids = loader.examples["train"]
     rows += t4_projection(rows, name, sum(len(ids) - 1 for ids, _ in train_ids) / len(train_ids))
     print_table(rows)
-    result = dict(device=name, dtype=dtype, torch=torch.__version__, shape=shape, settings=config, rows=rows,
+    result = dict(device=name, dtype=dtype, torch=torch.__version__, shape=shape, settings=vars(config), rows=rows,
                   date=time.strftime("%Y-%m-%d"))
-    with open(config["out"], "w", encoding="utf-8") as f:
+    with open(config.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {config['out']}")
+    print(f"wrote {config.out}")
     return result
 
 

@@ -2,8 +2,10 @@
 
 A checkpoint holds the trained tensors only: for a LoRA run its A and B matrices plus the identity
 of the base model they apply to (init_from and a fingerprint of its weights); for full fine-tuning
-every weight. Files are written atomically and loaded without running pickled code.
+every weight. Every file of a run carries the run's id. Files are written atomically, one process
+at a time holds a run's directory, and checkpoints load without running pickled code.
 """
+import contextlib
 import hashlib
 import os
 import pickle
@@ -12,10 +14,17 @@ from dataclasses import asdict
 
 import torch
 
+from configurator import UsageError
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; out_dir is not guarded there
+    fcntl = None
+
 CHECKPOINT_VERSION = 2
+KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
 UMASK = os.umask(0o022)
 os.umask(UMASK)  # read once: new files get the usual permissions, not mkstemp's owner-only ones
 
@@ -37,9 +46,32 @@ def atomic_write(path, write):
         os.replace(tmp, path)
     except BaseException as e:
         os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(f"could not write {path} ({e.strerror or e}); the previous file, if any, is intact") from None
+        cause = e  # torch.save reports a failed write (a full disk) as a RuntimeError caused by the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise OSError(f"could not write {path} ({cause.strerror or cause}); the previous file, if any, "
+                          "is intact") from None
         raise
+
+
+@contextlib.contextmanager
+def locked(out_dir, program):
+    """Hold out_dir for as long as the block runs: another process that tries is refused, naming
+    the holder. The kernel releases the lock when the process ends, however it ends."""
+    with open(os.path.join(out_dir, ".lock"), "a+", encoding="utf-8") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise UsageError(f"out_dir={out_dir!r} is in use by {f.read().strip() or 'another process'}; "
+                                 "wait for it to end or choose another out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{program} (process {os.getpid()})\n")
+        f.flush()
+        yield
 
 
 def trained_state(model):
@@ -67,6 +99,10 @@ def make_checkpoint(model, base, **entries):
                 base=base, **entries)
 
 
+def is_finite(checkpoint):
+    return all(bool(torch.isfinite(t).all()) for t in checkpoint["model"].values())
+
+
 def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
@@ -77,29 +113,51 @@ def load_checkpoint(path, map_location="cpu"):
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} needs pickled code to load; refused (only tensors and "
-                              "plain data are loaded, for safety)") from None
     except Exception as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e).upper():
+            raise CheckpointError(f"{path} needs pickled code to load; refused (only tensors and "
+                                  "plain data are loaded, for safety)") from None
+        reason = "an empty file" if os.path.getsize(path) == 0 else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is corrupt or truncated ({reason})") from None
     if not isinstance(checkpoint, dict) or "model_args" not in checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint of this project")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('version')!r}; "
                               f"this code reads format {CHECKPOINT_VERSION}")
+    if not KEYS <= set(checkpoint):
+        raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(KEYS - set(checkpoint)))}")
+    if not isinstance(checkpoint["model"], dict) or not all(torch.is_tensor(t) for t in checkpoint["model"].values()):
+        raise CheckpointError(f"{path} is incomplete: its 'model' is not a set of tensors")
     return checkpoint
+
+
+def same_run(checkpoints):
+    """Refuse files of different runs (an overwritten run's leftovers, files copied between runs)."""
+    ids = {path: c["run_id"] for path, c in checkpoints.items()}
+    if len(set(ids.values())) > 1:
+        raise CheckpointError("these files belong to different runs: " +
+                              ", ".join(f"{path} (run {run_id})" for path, run_id in ids.items()))
 
 
 def load_model(checkpoint, base=None):
     """The model a checkpoint describes. A LoRA checkpoint is applied to its base model (init_from,
     or base= to load it from elsewhere), which must be the one it was trained on."""
-    config = GPTConfig(**checkpoint["model_args"])
+    try:
+        config = GPTConfig(**checkpoint["model_args"])
+    except TypeError as e:
+        raise CheckpointError(f"the checkpoint's model_args are not this model's settings ({e})") from None
+    if config.n_embd % config.n_head or (config.lora_rank > 0) != (checkpoint["base"] is not None):
+        raise CheckpointError(f"the checkpoint's model_args are inconsistent: {checkpoint['model_args']}")
     if checkpoint["base"] is None:
         model = GPT.uninitialized(config)
     else:
         base = base or checkpoint["base"]["init_from"]
         model = GPT.from_pretrained(base, dict(dropout=config.dropout, lora_rank=config.lora_rank,
                                                lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
+        differs = next((k for k, v in asdict(model.config).items() if checkpoint["model_args"][k] != v), None)
+        if differs:
+            raise CheckpointError(f"the checkpoint's model_args have {differs}={checkpoint['model_args'][differs]!r}, "
+                                  f"its base model {differs}={getattr(model.config, differs)!r}")
         if base_fingerprint(model) != checkpoint["base"]["fingerprint"]:
             raise CheckpointError(f"the adapter was trained on {checkpoint['base']['init_from']} (weights "
                                   f"{checkpoint['base']['fingerprint']}), not on {base} (weights "
@@ -116,4 +174,9 @@ def load_trained(model, state):
     if set(state) != expected:
         raise CheckpointError(f"the checkpoint's tensors do not match the model: {len(set(state) - expected)} "
                               f"unexpected, {len(expected - set(state))} missing")
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    wrong = next((name for name, t in state.items() if tuple(t.shape) != shapes[name]), None)
+    if wrong:
+        raise CheckpointError(f"the checkpoint's {wrong} has shape {tuple(state[wrong].shape)}, "
+                              f"the model's {shapes[wrong]}: its tensors and model_args disagree")
     model.load_state_dict(state, strict=False)

@@ -10,6 +10,7 @@ and one line that names the flag.
 import contextlib
 import difflib
 import sys
+from types import SimpleNamespace
 
 ALIASES = {"rank": "lora_rank", "alpha": "lora_alpha", "lr": "learning_rate"}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -139,14 +140,16 @@ def help_text(prog, flags, summary):
 
 
 def parse_flags(prog, flags, argv, summary=""):
-    """flags: {name: (default, help)}. Returns (config, names set explicitly); exits on -h or error."""
+    """flags: {name: (default, help)}. Returns (config, names set explicitly), config with one
+    attribute per flag (vars(config) is the dict); exits on -h or on a mistake."""
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(prog, flags, summary))
         sys.exit(0)
     try:
-        return _parse(flags, argv)
+        values, explicit = _parse(flags, argv)
     except UsageError as e:
         fail(prog, str(e))
+    return SimpleNamespace(**values), explicit
 
 
 def resolve_device(device):

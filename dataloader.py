@@ -62,6 +62,14 @@ def _truncate(text, template, max_tokens):
     return ids
 
 
+def check_prompt_room(template, block_size, generated):
+    """Fail early where the model's context cannot hold a prompt and the tokens generated after it."""
+    needed = len(get_tokenizer().encode_ordinary(get_sentiment_prompt("x", template=template)))
+    if needed + generated > block_size:
+        raise DataError(f"the '{template}' prompt needs {needed} tokens and {generated} more are generated, "
+                        f"more than the model's {block_size}-token context")
+
+
 def answer_tokens(label):
     enc = get_tokenizer()
     return enc.encode_ordinary(LABEL_WORDS[label]) + [enc.eot_token]
@@ -176,6 +184,10 @@ class CustomDataLoader:
             if self.mask_prompt:
                 y[row, :n_prompt - 1] = IGNORE_INDEX
         return x, y
+
+    def num_batches(self, split, batch_size, max_batches=0):
+        n = -(-len(self.examples[split]) // batch_size)
+        return min(n, max_batches) if max_batches else n
 
     def batches(self, split, batch_size, max_batches=0):
         """(x, y) batches over a whole split, grouped by length to pad little; with max_batches > 0,

@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from checkpoint import UMASK, CheckpointError, load_checkpoint, load_model
+from checkpoint import UMASK, CheckpointError, load_checkpoint, load_model, locked
 from configurator import UsageError, fail, parse_flags
 
 FLAGS = {
@@ -75,35 +75,39 @@ def check_dest(dest):
 
 
 def export(config):
-    if config["format"] not in ("peft", "hf"):
-        raise UsageError(f"format={config['format']!r}: expected peft or hf")
-    if config["ckpt"] not in CHECKPOINT_FILES:
-        raise UsageError(f"ckpt={config['ckpt']!r}: expected best or last")
-    dest = config["dest"]
+    if config.format not in ("peft", "hf"):
+        raise UsageError(f"format={config.format!r}: expected peft or hf")
+    if config.ckpt not in CHECKPOINT_FILES:
+        raise UsageError(f"ckpt={config.ckpt!r}: expected best or last")
+    dest = config.dest
     check_dest(dest)
-    path = os.path.join(config["out_dir"], CHECKPOINT_FILES[config["ckpt"]])
+    path = os.path.join(config.out_dir, CHECKPOINT_FILES[config.ckpt])
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={config['out_dir']}")
-    checkpoint = load_checkpoint(path)
-    if config["format"] == "peft" and checkpoint["base"] is None:
-        raise UsageError(f"{path} is not a LoRA run (it trained every weight); export it with format=hf")
-    model = None
-    if config["format"] == "hf":
-        try:
-            model = load_model(checkpoint, config["base"] or None)
-        except CheckpointError:
-            raise
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={config.out_dir}")
+    with locked(config.out_dir, "export.py"):  # no run changes the files while they are read
+        checkpoint = load_checkpoint(path)
+        if config.format == "peft" and checkpoint["base"] is None:
+            raise UsageError(f"{path} is not a LoRA run (it trained every weight); export it with format=hf")
+        model = None
+        if config.format == "hf":
+            try:
+                model = load_model(checkpoint, config.base or None)
+            except CheckpointError:
+                raise
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        write_directory(dest, lambda tmp: write_peft(checkpoint, tmp) if model is None else write_hf(model, tmp))
+    print(f"wrote {dest} ({'PEFT LoRA adapter' if model is None else 'Hugging Face GPT2LMHeadModel'}) from {path}")
 
+
+def write_directory(dest, write):
+    """Fill a temporary directory beside dest, then rename it into place: a failure leaves no
+    half-written export."""
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(dest))}.", suffix=".tmp")
-    try:  # written next to dest and renamed into place: a failure leaves no half-written export
-        if model is None:
-            write_peft(checkpoint, tmp)
-        else:
-            write_hf(model, tmp)
+    try:
+        write(tmp)
         for name in os.listdir(tmp):  # the usual permissions, not the temporary's owner-only ones
             os.chmod(os.path.join(tmp, name), 0o666 & ~UMASK)
         os.chmod(tmp, 0o777 & ~UMASK)
@@ -111,15 +115,14 @@ def export(config):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"wrote {dest} ({'PEFT LoRA adapter' if model is None else 'Hugging Face GPT2LMHeadModel'}) from {path}")
 
 
 def main(argv):
     config, _ = parse_flags("export.py", FLAGS, argv, __doc__)
     try:
         export(config)
-    except (UsageError, CheckpointError) as e:
-        if config["debug"]:
+    except (UsageError, CheckpointError, OSError) as e:
+        if config.debug:
             raise
         fail("export.py", str(e))
 

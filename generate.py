@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model
+from checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model, locked, same_run
 from configurator import UsageError, autocast, device_name, fail, parse_flags, resolve_device, resolve_dtype
-from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, encode_prompts, get_tokenizer,
+from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, check_prompt_room, encode_prompts, get_tokenizer,
                         load_rotten_tomatoes)
 from model import GPT
 
@@ -46,6 +46,7 @@ FLAGS = {
 CHECKPOINTS = {"best": ("Best Val Checkpoint", "ckpt.pt"), "last": ("Last Iter Checkpoint", "ckpt_last.pt")}
 METHODS = ("generate", "logprob")
 LABEL_NAMES = {1: "positive", 0: "negative", -1: "unparseable"}
+GENERATION = ("prompt_template", "max_new_tokens", "temperature", "top_k", "batch_size")  # predict_labels' settings
 
 
 def parse_label(continuation):
@@ -75,14 +76,15 @@ def _progress(batches, desc):
 
 
 @torch.no_grad()
-def predict_labels(model, records, template="default", method="generate", max_new_tokens=5,
+def predict_labels(model, records, method="generate", *, prompt_template="default", max_new_tokens=5,
                    temperature=0.0, top_k=0, batch_size=64, device="cpu", dtype="float32"):
     """One record per review: text, label, continuation and prediction (1, 0 or -1); with
     method=logprob also p_positive, the probability of " positive" against " negative"."""
     model.eval()  # merges LoRA into the weights
     enc = get_tokenizer()
-    room = model.config.block_size - (max_new_tokens if method == "generate" else 0)
-    prompts, _ = encode_prompts([r["text"] for r in records], template, room)
+    generated = max_new_tokens if method == "generate" else 0
+    check_prompt_room(prompt_template, model.config.block_size, generated)
+    prompts, _ = encode_prompts([r["text"] for r in records], prompt_template, model.config.block_size - generated)
     label_ids = {label: enc.encode_ordinary(word)[0] for label, word in LABEL_WORDS.items()}
     stop = (enc.eot_token, *enc.encode_ordinary("\n"), *enc.encode_ordinary("\n\n"))
     continuations, predictions, p_positive = [None] * len(records), [None] * len(records), [None] * len(records)
@@ -119,28 +121,26 @@ def report_line(name, s):
             f"Unparseable: {s['unparseable']}")
 
 
-def evaluate(model, name, records, methods, settings, device, dtype):
+def evaluate(model, name, records, methods, settings, *, device, dtype):
     """Print the handout's line per method; return (results rows, prediction sets)."""
     rows, sets = [], []
     for method in methods:
         start = time.time()
-        preds = predict_labels(model, records, settings["prompt_template"], method, settings["max_new_tokens"],
-                               settings["temperature"], settings["top_k"], settings["batch_size"], device, dtype)
+        preds = predict_labels(model, records, method, device=device, dtype=dtype, **{k: settings[k] for k in GENERATION})
         seconds = time.time() - start
         summary = summarize(preds)
         print(report_line(name if method == "generate" else f"{name} [logprob]", summary))
         print(f"  {len(records)} reviews in {seconds:.1f} s ({len(records) / seconds:.1f} reviews/s)")
-        rows.append(dict(checkpoint=name, method=method, seconds=round(seconds, 3), **summary))
+        rows.append(dict(checkpoint=name, method=method, settings=settings, seconds=round(seconds, 3), **summary))
         sets.append(dict(checkpoint=name, method=method, records=preds))
     return rows, sets
 
 
-def classify(model, texts, settings, device, dtype):
+def classify(model, texts, settings, *, device, dtype):
     """Print, for each review, the label read off the generated answer, p(positive) and the answer."""
     records = [dict(text=t, label=None) for t in texts]
-    answers, scores = (predict_labels(model, records, settings["prompt_template"], method, settings["max_new_tokens"],
-                                      settings["temperature"], settings["top_k"], settings["batch_size"], device, dtype)
-                       for method in METHODS)
+    answers, scores = (predict_labels(model, records, method, device=device, dtype=dtype,
+                                      **{k: settings[k] for k in GENERATION}) for method in METHODS)
     for answer, score in zip(answers, scores):
         print(f"{LABEL_NAMES[answer['prediction']]:<11}  p(positive)={score['p_positive']:.3f}  "
               f"answer={json.dumps(answer['continuation'])}  {answer['text']}")
@@ -149,26 +149,50 @@ def classify(model, texts, settings, device, dtype):
 
 def read_reviews(config):
     """The reviews given with text= and file= (one per line, '-' = standard input)."""
-    texts = list(config["text"])
-    if config["file"] == "-":
+    texts = list(config.text)
+    if config.file == "-":
         texts += sys.stdin.read().splitlines()
-    elif config["file"]:
+    elif config.file:
         try:
-            with open(config["file"], encoding="utf-8") as f:
+            with open(config.file, encoding="utf-8") as f:
                 texts += f.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"file={config['file']!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+            raise UsageError(f"file={config.file!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     texts = [t.strip() for t in texts if t.strip()]
     if not texts:
         raise UsageError("text= and file= hold no review to classify")
     return texts
 
 
-def write_results(out_dir, split, settings, rows, sets):
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_results(out_dir, run_id, split, rows, sets, complete):
+    """results.json and predictions.json keep a run's complete greedy test evaluations, one row per
+    checkpoint and method, each replaced only by a newer one of its own. Anything else (a subset,
+    another split, sampling, a raw model beside a run's checkpoints) goes to last_evaluation.json
+    and last_predictions.json instead. Returns the results file's path."""
+    beside_a_run = run_id is None and any(os.path.exists(os.path.join(out_dir, f)) for f in ("ckpt.pt", "ckpt_last.pt"))
+    if complete and not beside_a_run:
+        results_path, predictions_path = (os.path.join(out_dir, f) for f in ("results.json", "predictions.json"))
+        old = read_json(results_path)
+        if old and old.get("run_id") == run_id:  # keep the rows this evaluation does not replace
+            new = {(r["checkpoint"], r["method"]) for r in rows}
+            rows = [r for r in old["results"] if (r["checkpoint"], r["method"]) not in new] + rows
+            sets = [s for s in read_json(predictions_path) or [] if (s["checkpoint"], s["method"]) not in new] + sets
+    else:
+        results_path, predictions_path = (os.path.join(out_dir, f) for f in ("last_evaluation.json", "last_predictions.json"))
+
     def dump(obj):
         return lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode())
-    atomic_write(os.path.join(out_dir, "results.json"), dump(dict(split=split, settings=settings, results=rows)))
-    atomic_write(os.path.join(out_dir, "predictions.json"), dump(sets))
+    atomic_write(predictions_path, dump(sets))
+    atomic_write(results_path, dump(dict(run_id=run_id, split=split, complete=complete, results=rows)))
+    return results_path
 
 
 def _select(records, num_examples, split):
@@ -182,76 +206,83 @@ def main(argv):
     try:
         return run(config, explicit)
     except (UsageError, DataError, CheckpointError) as e:
-        if config["debug"]:
+        if config.debug:
             raise
         fail("generate.py", str(e))
 
 
 def _check(config):
-    if config["split"] not in ("test", "validation"):
-        raise UsageError(f"split={config['split']!r}: expected test or validation")
-    if config["method"] not in METHODS + ("both",):
-        raise UsageError(f"method={config['method']!r}: expected generate, logprob or both")
-    if config["ckpt"] not in ("best", "last", "both"):
-        raise UsageError(f"ckpt={config['ckpt']!r}: expected best, last or both")
-    if config["prompt_template"] and config["prompt_template"] not in PROMPT_TEMPLATES:
-        raise UsageError(f"prompt_template={config['prompt_template']!r}: expected one of {', '.join(PROMPT_TEMPLATES)}")
+    if config.split not in ("test", "validation"):
+        raise UsageError(f"split={config.split!r}: expected test or validation")
+    if config.method not in METHODS + ("both",):
+        raise UsageError(f"method={config.method!r}: expected generate, logprob or both")
+    if config.ckpt not in ("best", "last", "both"):
+        raise UsageError(f"ckpt={config.ckpt!r}: expected best, last or both")
+    if config.prompt_template and config.prompt_template not in PROMPT_TEMPLATES:
+        raise UsageError(f"prompt_template={config.prompt_template!r}: expected one of {', '.join(PROMPT_TEMPLATES)}")
     for key in ("max_new_tokens", "batch_size"):
-        if config[key] <= 0:
-            raise UsageError(f"{key}={config[key]}: must be positive")
+        if getattr(config, key) <= 0:
+            raise UsageError(f"{key}={getattr(config, key)}: must be positive")
     for key in ("num_examples", "top_k", "temperature"):
-        if config[key] < 0:
-            raise UsageError(f"{key}={config[key]}: must be >= 0")
-    if os.path.exists(config["out_dir"]) and not os.path.isdir(config["out_dir"]):
-        raise UsageError(f"out_dir={config['out_dir']!r} is a file, not a directory")
+        if getattr(config, key) < 0:
+            raise UsageError(f"{key}={getattr(config, key)}: must be >= 0")
+    if not 0 <= config.seed < 2**32:
+        raise UsageError(f"seed={config.seed}: must be in [0, 2**32)")
+    if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+        raise UsageError(f"out_dir={config.out_dir!r} is a file, not a directory")
 
 
 def run(config, explicit=()):
     _check(config)
-    own_reviews = bool(config["text"] or config["file"])
+    own_reviews = bool(config.text or config.file)
     if own_reviews and "ckpt" not in explicit:
-        config = dict(config, ckpt="best")
+        config.ckpt = "best"
     texts = read_reviews(config) if own_reviews else None
-    device = resolve_device(config["device"])
-    dtype = resolve_dtype(config["dtype"], device)
-    torch.manual_seed(config["seed"])
-    out_dir = config["out_dir"]
-    models = []  # (name, loader of the model, checkpoint config)
-    if config["init_from"] == "resume":
-        which = ("best", "last") if config["ckpt"] == "both" else (config["ckpt"],)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    torch.manual_seed(config.seed)
+    out_dir = config.out_dir
+    models, run_id = [], None  # (name, loader of the model, checkpoint config)
+    if config.init_from == "resume":
+        which = ("best", "last") if config.ckpt == "both" else (config.ckpt,)
+        checkpoints = {}
         for key in which:
             name, filename = CHECKPOINTS[key]
             path = os.path.join(out_dir, filename)
             if not os.path.isfile(path):
                 raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={out_dir}")
-            checkpoint = load_checkpoint(path)
-            models.append((name, lambda c=checkpoint: load_model(c, config["base"] or None), checkpoint["config"]))
+            checkpoints[path] = checkpoint = load_checkpoint(path)
+            models.append((name, lambda c=checkpoint: load_model(c, config.base or None), checkpoint["config"]))
+        same_run(checkpoints)
+        run_id = checkpoint["run_id"]
     else:
-        models.append(("Zero-shot " + config["init_from"], lambda: GPT.from_pretrained(config["init_from"]), {}))
+        models.append(("Zero-shot " + config.init_from, lambda: GPT.from_pretrained(config.init_from), {}))
     trained_with = models[0][2]
-    settings = {k: config[k] for k in ("max_new_tokens", "temperature", "top_k", "batch_size", "seed")}
-    settings["init_from"] = config["init_from"]
+    settings = {k: getattr(config, k) for k in ("max_new_tokens", "temperature", "top_k", "batch_size", "seed")}
+    settings["init_from"] = config.init_from
     settings["device"] = device_name(device)
-    settings["dataset"] = config["dataset"] or trained_with.get("dataset", "rotten_tomatoes")
-    settings["prompt_template"] = config["prompt_template"] or trained_with.get("prompt_template", "default")
+    settings["dataset"] = config.dataset or trained_with.get("dataset", "rotten_tomatoes")
+    settings["prompt_template"] = config.prompt_template or trained_with.get("prompt_template", "default")
     if own_reviews:
         for name, build, _ in models:
             if len(models) > 1:
                 print(name)
-            classify(load(build, device), texts, settings, device, dtype)
+            classify(load(build, device), texts, settings, device=device, dtype=dtype)
         return None
-    records = _select(load_rotten_tomatoes(settings["dataset"])[config["split"]], config["num_examples"], config["split"])
-    methods = METHODS if config["method"] == "both" else (config["method"],)
+    records = _select(load_rotten_tomatoes(settings["dataset"])[config.split], config.num_examples, config.split)
+    methods = METHODS if config.method == "both" else (config.method,)
+    complete = config.split == "test" and config.num_examples == 0 and config.temperature == 0
     os.makedirs(out_dir, exist_ok=True)
     rows, sets = [], []
-    for name, build, _ in models:
-        model = load(build, device)
-        r, s = evaluate(model, name, records, methods, settings, device, dtype)
-        rows += r
-        sets += s
-        del model
-    write_results(out_dir, config["split"], settings, rows, sets)
-    print(f"wrote {os.path.join(out_dir, 'results.json')} and predictions.json")
+    with locked(out_dir, "generate.py"):
+        for name, build, _ in models:
+            model = load(build, device)
+            r, s = evaluate(model, name, records, methods, settings, device=device, dtype=dtype)
+            rows += r
+            sets += s
+            del model
+        path = write_results(out_dir, run_id, config.split, rows, sets, complete)
+    print(f"wrote {path} and its predictions")
     return rows
 
 

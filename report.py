@@ -5,9 +5,11 @@
     python report.py init_from=gpt2 device=cpu max_iters=2 extra="batch_size=8 gradient_accumulation_steps=2"
 
 Each run is `python train.py config/<run>.py out_dir=<results_dir>/<run> resume=auto ...`: a finished
-run (its results.json holds both checkpoints) is skipped and an interrupted one resumes. Then it
-writes results.md (the tables), val_loss.png and val_loss_alpha.png (validation loss against
-iteration) and val_loss.json (the plotted numbers) into results_dir.
+run (its results.json holds both checkpoints' test accuracy) is skipped and an interrupted one
+resumes, but only where its settings are the ones asked for now; a run with other settings stops
+report.py unless overwrite=true replaces it. Then it writes results.md (the tables), val_loss.png
+and val_loss_alpha.png (validation loss against iteration) and val_loss.json (the plotted numbers)
+into results_dir.
 """
 import json
 import os
@@ -17,7 +19,8 @@ import sys
 
 import torch
 
-from checkpoint import atomic_write, load_checkpoint
+import train
+from checkpoint import CheckpointError, atomic_write, load_checkpoint
 from configurator import fail, parse_flags
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig, count_parameters
@@ -47,7 +50,11 @@ FLAGS = {
     "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
     "zero_shot": (True, "also the zero-shot accuracy of init_from"),
     "extra": ("", "more train.py flags for every run, space-separated"),
+    "overwrite": (False, "replace a run whose settings differ from the ones asked for now (else report.py stops)"),
 }
+# train.py flags that do not change a run's result: a run made with other values of these is reused
+NOT_COMPARED = {"out_dir", "resume", "overwrite", "eval_test", "device", "dtype", "compile", "debug", "ckpt_interval",
+                "eval_batch_size", "wandb_log", "wandb_project", "wandb_run_name"}
 
 
 def read_results(out_dir):
@@ -59,9 +66,28 @@ def read_results(out_dir):
 
 
 def is_finished(out_dir):
-    results = read_results(out_dir)
-    names = {r["checkpoint"] for r in results["results"] if r["method"] == "generate"} if results else set()
+    """Both checkpoints of the run in out_dir have a complete test accuracy in its results.json."""
+    results, last = read_results(out_dir), os.path.join(out_dir, "ckpt_last.pt")
+    if not results or not os.path.isfile(last) or results["run_id"] != load_checkpoint(last)["run_id"]:
+        return False
+    names = {r["checkpoint"] for r in results["results"] if r["method"] == "generate"}
     return {"Best Val Checkpoint", "Last Iter Checkpoint"} <= names
+
+
+def saved_config(out_dir):
+    """The settings of the run in out_dir (finished or interrupted), or None."""
+    for name in ("resume.pt", "ckpt_last.pt", "ckpt.pt"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            return load_checkpoint(os.path.join(out_dir, name))["config"]
+    return None
+
+
+def first_difference(saved, train_argv):
+    """(flag, saved value, value asked for now) of the first result-changing difference, or None."""
+    asked, _ = parse_flags("train.py", train.FLAGS, train_argv)
+    asked = vars(asked)
+    return next(((k, saved.get(k), asked[k]) for k in train.FLAGS if k not in NOT_COMPARED and saved.get(k) != asked[k]),
+                None)
 
 
 def run_command(cmd):
@@ -71,25 +97,53 @@ def run_command(cmd):
         sys.exit(1)
 
 
+def zero_shot_row(config):
+    """The zero-shot test accuracy of init_from on dataset, if it has been measured."""
+    results = read_results(os.path.join(config.results_dir, "zero_shot"))
+    rows = results["results"] if results else []
+    return next((r for r in rows if r["checkpoint"] == f"Zero-shot {config.init_from}" and r["method"] == "generate"
+                 and r["settings"]["dataset"] == config.dataset), None)
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def train_argv(config, run):
+    """train.py's flags for one run of the grid."""
+    argv = [os.path.join(HERE, "config", f"{run}.py"), f"out_dir={os.path.join(config.results_dir, run)}",
+            "resume=auto", "eval_test=true", f"init_from={config.init_from}", f"dataset={config.dataset}",
+            f"device={config.device}", *shlex.split(config.extra)]
+    return argv + ([f"max_iters={config.max_iters}"] if config.max_iters else [])
+
+
+def matches(config, run):
+    """The run in results_dir was made with the settings asked for now (or there is none)."""
+    saved = saved_config(os.path.join(config.results_dir, run))
+    return saved is None or first_difference(saved, train_argv(config, run)) is None
+
+
 def run_grid(config, runs):
-    here = os.path.dirname(os.path.abspath(__file__))
-    common = [f"init_from={config['init_from']}", f"dataset={config['dataset']}", f"device={config['device']}"]
-    if config["zero_shot"]:
-        out_dir = os.path.join(config["results_dir"], "zero_shot")
-        if read_results(out_dir):
+    if config.zero_shot:
+        out_dir = os.path.join(config.results_dir, "zero_shot")
+        if zero_shot_row(config):
             print(f"zero-shot: done already ({out_dir})")
         else:
-            run_command([sys.executable, os.path.join(here, "generate.py"), f"out_dir={out_dir}", *common])
+            run_command([sys.executable, os.path.join(HERE, "generate.py"), f"out_dir={out_dir}",
+                         f"init_from={config.init_from}", f"dataset={config.dataset}", f"device={config.device}"])
     for run in runs:
-        out_dir = os.path.join(config["results_dir"], run)
-        if is_finished(out_dir):
+        out_dir = os.path.join(config.results_dir, run)
+        argv = train_argv(config, run)
+        saved = saved_config(out_dir)
+        difference = first_difference(saved, argv) if saved else None
+        if difference and not config.overwrite:
+            fail("report.py", f"{out_dir} holds a run with other settings ({difference[0]}={difference[1]!r} there, "
+                              f"{difference[2]!r} asked for now); replace it with overwrite=true, or choose another results_dir")
+        if difference:
+            argv[argv.index("resume=auto")] = "overwrite=true"
+        elif is_finished(out_dir):
             print(f"{run}: done already ({out_dir})")
             continue
-        cmd = [sys.executable, os.path.join(here, "train.py"), os.path.join(here, "config", f"{run}.py"),
-               f"out_dir={out_dir}", "resume=auto", "eval_test=true", *common, *shlex.split(config["extra"])]
-        if config["max_iters"]:
-            cmd.append(f"max_iters={config['max_iters']}")
-        run_command(cmd)
+        run_command([sys.executable, os.path.join(HERE, "train.py"), *argv])
 
 
 def run_summary(out_dir):
@@ -105,7 +159,7 @@ def run_summary(out_dir):
     metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     return dict(rank=model.config.lora_rank, alpha=model.config.lora_alpha, best=by_name["Best Val Checkpoint"],
                 last=by_name["Last Iter Checkpoint"], trainable=trainable, total=total,
-                seconds=metrics[-1]["elapsed"] if metrics else None, device=results["settings"].get("device", "?"),
+                seconds=metrics[-1]["elapsed"] if metrics else None, device=by_name["Best Val Checkpoint"]["settings"]["device"],
                 iters=checkpoint["iter_num"])
 
 
@@ -128,15 +182,14 @@ def table(runs, summaries):
 
 
 def write_markdown(config, summaries):
-    lines = [f"# Results: {config['init_from']}", ""]
-    zero = read_results(os.path.join(config["results_dir"], "zero_shot"))
+    lines = [f"# Results: {config.init_from}", ""]
+    zero = zero_shot_row(config)
     if zero:
-        r = zero["results"][0]
         lines += ["## Zero-shot (5.3)", "", "| model | test accuracy | unparseable | device |", "|---|---|---|---|",
-                  f"| {config['init_from']} | {r['accuracy']:.4f} | {r['unparseable']} | {zero['settings'].get('device', '?')} |", ""]
+                  f"| {config.init_from} | {zero['accuracy']:.4f} | {zero['unparseable']} | {zero['settings']['device']} |", ""]
     for title, runs in TABLES:
         lines += [f"## {title}", "", *table(runs, summaries), ""]
-    path = os.path.join(config["results_dir"], "results.md")
+    path = os.path.join(config.results_dir, "results.md")
     atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     return path
 
@@ -168,15 +221,18 @@ def write_plots(results_dir, summaries):
 
 def main(argv):
     config, _ = parse_flags("report.py", FLAGS, argv, __doc__)
-    runs = list(RUNS) if config["runs"] == "all" else [r.strip() for r in config["runs"].split(",") if r.strip()]
+    runs = list(RUNS) if config.runs == "all" else [r.strip() for r in config.runs.split(",") if r.strip()]
     unknown = [r for r in runs if r not in RUNS]
     if unknown or not runs:
-        fail("report.py", f"runs={config['runs']!r}: expected all or a comma-separated list of {', '.join(RUNS)}")
-    run_grid(config, runs)
-    summaries = {run: run_summary(os.path.join(config["results_dir"], run))
-                 for run in RUNS if is_finished(os.path.join(config["results_dir"], run))}
+        fail("report.py", f"runs={config.runs!r}: expected all or a comma-separated list of {', '.join(RUNS)}")
+    try:
+        run_grid(config, runs)
+        summaries = {run: run_summary(os.path.join(config.results_dir, run)) for run in RUNS
+                     if is_finished(os.path.join(config.results_dir, run)) and matches(config, run)}
+    except CheckpointError as e:
+        fail("report.py", str(e))
     path = write_markdown(config, summaries)
-    write_plots(config["results_dir"], summaries)
+    write_plots(config.results_dir, summaries)
     print(f"wrote {path}, val_loss.png, val_loss_alpha.png and val_loss.json")
 
 

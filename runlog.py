@@ -9,15 +9,17 @@ KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.j
 
 
 def read_metrics(path):
-    """The rows of a metrics.jsonl; a line torn by a kill is skipped."""
+    """The rows of a metrics.jsonl; a line torn by a kill, or that is not a row of ours, is skipped."""
     rows = []
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
-                    pass
+                    continue
+                if isinstance(row, dict) and type(row.get("iter")) is int:
+                    rows.append(row)
     return rows
 
 
@@ -35,17 +37,18 @@ def wandb_key():
 def start_wandb(config):
     """A wandb run when a key is configured or wandb_log is on, else None. Failure only warns."""
     key = wandb_key()
-    if not (key or config["wandb_log"]):
-        print(f"no wandb key: logging locally to {os.path.join(config['out_dir'], 'metrics.jsonl')}")
+    if not (key or config.wandb_log):
+        print(f"no wandb key: logging locally to {os.path.join(config.out_dir, 'metrics.jsonl')}")
         return None
     try:
         import wandb
         if key:
             os.environ["WANDB_API_KEY"] = key  # read by wandb itself; never printed or saved by us
-        return wandb.init(project=config["wandb_project"], dir=config["out_dir"], config=config,
-                          name=config["wandb_run_name"] or os.path.basename(os.path.abspath(config["out_dir"])))
+        return wandb.init(project=config.wandb_project, dir=config.out_dir, config=vars(config),
+                          name=config.wandb_run_name or os.path.basename(os.path.abspath(config.out_dir)))
     except Exception as e:
-        print(f"warning: wandb is unavailable ({type(e).__name__}); logging locally only", file=sys.stderr)
+        reason = (str(e).strip().splitlines() or [""])[0]
+        print(f"warning: wandb is unavailable ({type(e).__name__}: {reason}); logging locally only", file=sys.stderr)
         return None
 
 
@@ -54,10 +57,10 @@ class RunLog:
     (and a torn last line) are dropped, so the log reads as one uninterrupted run."""
 
     def __init__(self, config, resume_iter=None):
-        self.path = os.path.join(config["out_dir"], "metrics.jsonl")
+        self.path = os.path.join(config.out_dir, "metrics.jsonl")
         rows = [] if resume_iter is None else [r for r in read_metrics(self.path) if r["iter"] <= resume_iter]
         atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
-        self.elapsed_before = rows[-1]["elapsed"] if rows else 0.0  # seconds spent by earlier sessions
+        self.elapsed_before = rows[-1].get("elapsed", 0.0) if rows else 0.0  # seconds spent by earlier sessions
         self.wandb = start_wandb(config)
 
     def log(self, **row):

@@ -17,19 +17,19 @@ def parse(argv, flags=train.FLAGS):
 def test_three_forms_aliases_hyphens():
     config, explicit = parse(["rank=16", "--alpha=64", "--lr", "1e-3", "--max-iters", "7", "lora-dropout=0.1",
                               "--mask_prompt", "false", "--compile", "out_dir='runs/a b'"])
-    assert (config["lora_rank"], config["lora_alpha"], config["learning_rate"]) == (16, 64.0, 1e-3)
-    assert (config["max_iters"], config["lora_dropout"], config["mask_prompt"], config["compile"]) == (7, 0.1, False, True)
-    assert config["out_dir"] == "runs/a b"
+    assert (config.lora_rank, config.lora_alpha, config.learning_rate) == (16, 64.0, 1e-3)
+    assert (config.max_iters, config.lora_dropout, config.mask_prompt, config.compile) == (7, 0.1, False, True)
+    assert config.out_dir == "runs/a b"
     assert explicit == {"lora_rank", "lora_alpha", "learning_rate", "max_iters", "lora_dropout", "mask_prompt",
                         "compile", "out_dir"}
-    assert config["batch_size"] == train.FLAGS["batch_size"][0]
+    assert config.batch_size == train.FLAGS["batch_size"][0]
 
 
 def test_config_file_then_flags(tmp_path):
     cfg = tmp_path / "r16.py"
     cfg.write_text("import math\nlora_rank = 16\nlora_alpha = 64\nout_dir = 'runs/r16'\nmax_iters = 10\n")
     config, explicit = parse([str(cfg), "max_iters=20"])
-    assert (config["lora_rank"], config["lora_alpha"], config["out_dir"], config["max_iters"]) == (16, 64.0, "runs/r16", 20)
+    assert (config.lora_rank, config.lora_alpha, config.out_dir, config.max_iters) == (16, 64.0, "runs/r16", 20)
     assert {"lora_rank", "lora_alpha", "out_dir", "max_iters"} <= explicit
 
 
@@ -97,6 +97,6 @@ def test_any_argument_list_parses_or_exits_2(argv):
     except SystemExit as e:
         assert e.code == 2
     else:
-        assert set(config) == set(train.FLAGS) and explicit <= set(train.FLAGS)
+        assert set(vars(config)) == set(train.FLAGS) and explicit <= set(train.FLAGS)
         for key, (default, _) in train.FLAGS.items():
-            assert type(config[key]) is type(default)
+            assert type(getattr(config, key)) is type(default)

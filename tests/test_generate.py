@@ -122,8 +122,13 @@ def test_generate_evaluates_both_checkpoints(trained_run, capsys):
         assert f"{name} [logprob] || Accuracy: " in out
     results = json.loads((trained_run / "results.json").read_text())
     predictions = json.loads((trained_run / "predictions.json").read_text())
-    assert results["split"] == "test" and results["settings"]["prompt_template"] == "default"
-    assert len(results["results"]) == 4 and len(predictions) == 4
+    assert results["split"] == "test" and results["complete"] is True
+    assert results["run_id"] == load_checkpoint(trained_run / "ckpt.pt")["run_id"]
+    assert all(r["settings"]["prompt_template"] == "default" for r in results["results"])
+    assert [(r["checkpoint"], r["method"]) for r in results["results"]] == [
+        ("Best Val Checkpoint", "generate"), ("Best Val Checkpoint", "logprob"),
+        ("Last Iter Checkpoint", "generate"), ("Last Iter Checkpoint", "logprob")]
+    assert len(predictions) == 4
     for row, pred_set in zip(results["results"], predictions):
         assert (row["checkpoint"], row["method"]) == (pred_set["checkpoint"], pred_set["method"])
         assert len(pred_set["records"]) == row["total"] == 64
@@ -138,8 +143,9 @@ def test_zero_shot_on_a_local_directory(hf_gpt2_dir, small_data_dir, tmp_path, c
     out = capsys.readouterr().out
     assert "num_examples=500 is more than the 64 validation examples; using all of them" in out
     assert f"Zero-shot {hf_gpt2_dir} || Accuracy: " in out
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["split"] == "validation" and results["results"][0]["total"] == 64
+    assert sorted(os.listdir(tmp_path)) == [".lock", "last_evaluation.json", "last_predictions.json"]
+    results = json.loads((tmp_path / "last_evaluation.json").read_text())  # not a test result
+    assert results["split"] == "validation" and results["results"][0]["total"] == 64 and results["complete"] is False
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
@@ -162,11 +168,11 @@ def test_checkpoint_template_is_the_default_and_sampling_is_seeded(hf_gpt2_dir, 
     run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=1",
               "rank=8", "prompt_template=question")
     generate.main([f"out_dir={out}", "ckpt=last", "device=cpu"])
-    assert json.loads((out / "results.json").read_text())["settings"]["prompt_template"] == "question"
+    assert json.loads((out / "results.json").read_text())["results"][0]["settings"]["prompt_template"] == "question"
     sampled = []
     for _ in range(2):
         generate.main([f"out_dir={out}", "ckpt=last", "device=cpu", "temperature=1.5", "top_k=50", "seed=7"])
-        sampled.append([r["continuation"] for r in json.loads((out / "predictions.json").read_text())[0]["records"]])
+        sampled.append([r["continuation"] for r in json.loads((out / "last_predictions.json").read_text())[0]["records"]])
     assert sampled[0] == sampled[1]
     generate.main([f"out_dir={out}", "ckpt=last", "device=cpu"])
     greedy = [r["continuation"] for r in json.loads((out / "predictions.json").read_text())[0]["records"]]

@@ -8,7 +8,8 @@ import nbformat
 from nbclient import NotebookClient
 
 import report
-from conftest import ROOT
+from checkpoint import load_checkpoint
+from conftest import ROOT, save_random_hf_gpt2
 from runlog import read_metrics
 from test_robustness import KILLER
 
@@ -100,3 +101,28 @@ def test_colab_notebook_runs_headless(hf_gpt2_dir, data_dir, tmp_path):
     assert list(plotted["val_loss.png"]) == list(plotted["val_loss_alpha.png"]) == [report.RUNS["r16_a64"]]
     shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "display_data"]
     assert sum("image/png" in o["data"] for o in shown) == 2 and sum("text/markdown" in o["data"] for o in shown) == 1
+
+
+def test_a_run_is_reused_only_with_the_settings_asked_for(hf_gpt2_dir, small_data_dir, tmp_path):
+    results = tmp_path / "results"
+    run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64", "zero_shot=false")
+    run_dir = results / "r16_a64"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    other = tmp_path / "other_model"
+    save_random_hf_gpt2(other, seed=1)
+    cmd = [sys.executable, "report.py", f"results_dir={results}", f"init_from={other}", f"dataset={small_data_dir}",
+           "device=cpu", "max_iters=2", f"extra={TINY}", "runs=r16_a64", "zero_shot=false"]
+    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr == (f"report.py: error: {run_dir} holds a run with other settings (init_from={str(hf_gpt2_dir)!r} "
+                              f"there, {str(other)!r} asked for now); replace it with overwrite=true, or choose another "
+                              "results_dir\n")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    out = run_report(results, other, small_data_dir, "runs=r16_a64", "zero_shot=false", "overwrite=true")
+    assert "done already" not in out
+    assert load_checkpoint(run_dir / "ckpt_last.pt")["config"]["init_from"] == str(other)
+    markdown = (results / "results.md").read_text()
+    assert markdown.startswith(f"# Results: {other}\n")
+    saved = json.loads((run_dir / "results.json").read_text())["results"]
+    best = next(r for r in saved if r["checkpoint"] == "Best Val Checkpoint")
+    assert table_rows(markdown, report.RUNS["r16_a64"])[0].split("|")[4].strip() == f"{best['accuracy']:.4f}"

@@ -80,7 +80,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(straight_run, hf_gpt2_
     assert len(list(out.glob(".*.tmp"))) == (1 if target == "atomic_write" else 0)
 
     run_train(*flags)  # the same command again
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
     expected, got = load_checkpoint(straight / "ckpt_last.pt"), load_checkpoint(out / "ckpt_last.pt")
     assert got["iter_num"] == 4
     for key, value in expected["model"].items():
@@ -169,20 +169,32 @@ def test_out_dir_that_is_a_file_or_under_a_file(hf_gpt2_dir, small_data_dir, tmp
     assert (tmp_path / "f").read_text() == "keep me"
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoints(finished_run, hf_gpt2_dir, small_data_dir, capsys, monkeypatch):
+class FullDisk:
+    """A file that takes 100 bytes, then fails as a full disk does: torch.save's zip writer turns that
+    into a RuntimeError whose cause is the OSError."""
+
+    def __init__(self, f):
+        self.f, self.written = f, 0
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > 100:
+            raise OSError(28, "No space left on device")
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoints(finished_run, hf_gpt2_dir, small_data_dir, capsys,
+                                                               monkeypatch):
     out, before = finished_run
     real_save = torch.save
-
-    def full_disk(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        f.truncate(100)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: real_save(obj, FullDisk(f), *args, **kwargs))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
-    assert e.value.code == 1
+    assert e.value.code == 2
     assert capsys.readouterr().err.strip().endswith(
         f"train.py: error: could not write {out}/ckpt.pt (No space left on device); the previous file, if any, is intact")
     after = files(out)
@@ -214,7 +226,8 @@ def test_unreachable_wandb_warns_and_trains_on(hf_gpt2_dir, small_data_dir, tmp_
     monkeypatch.setattr(wandb, "init", unreachable)
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, tmp_path / "o")[:-1], "max_iters=2")
-    assert "warning: wandb is unavailable (ConnectionError); logging locally only" in capsys.readouterr().err
+    assert ("warning: wandb is unavailable (ConnectionError: api.wandb.ai unreachable); logging locally only"
+            in capsys.readouterr().err)
     assert (tmp_path / "o" / "ckpt_last.pt").exists()
 
 

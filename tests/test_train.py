@@ -10,7 +10,7 @@ from conftest import ROOT, run_train
 from checkpoint import base_fingerprint, load_checkpoint, load_model
 from model import GPT
 
-EVALUATION_KEYS = {"version", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
+EVALUATION_KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
 LORA_NAMES = {f"transformer.h.{i}.attn.{p}_attn.lora_{m}" for i in range(2) for p in "qkv" for m in "AB"}
 
 
@@ -26,7 +26,7 @@ def test_lora_run_stores_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path
     out = tmp_path / "lora"
     run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=4",
               "rank=8", "alpha=32", "lr=1e-2")
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
     printed = capsys.readouterr().out
     assert "trainable parameters: 6,144 of 3,339,072 (0.18%)" in printed
     assert "no wandb key: logging locally" in printed
@@ -165,7 +165,7 @@ def test_torchrun_two_processes_on_cpu(hf_gpt2_dir, small_data_dir, tmp_path):
            "lora_dropout=0"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
     assert result.stdout.count("no wandb key") == 1  # only rank 0 speaks and writes
     # two processes of 4 examples each take the same step as one process of 8
     run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'one'}", "max_iters=2",

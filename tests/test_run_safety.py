@@ -1,0 +1,303 @@
+"""A finished run is never destroyed or mixed with another, and every bad input is one line."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import export
+import generate
+import train
+from checkpoint import UMASK, atomic_write, load_checkpoint, locked
+from conftest import ROOT, run_train, save_random_hf_gpt2
+from test_robustness import KILLER, files, finished_run, losses, straight_run, tiny_run_flags  # noqa: F401
+
+
+def fails_with(capsys, code, message, call, *args):
+    """call(*args) exits with code and prints 'message' on stderr: all of it before training starts,
+    its last line (under a closed progress bar) once training has."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        call(*args)
+    err = capsys.readouterr().err
+    assert e.value.code == code
+    assert err == message + "\n" if code == 2 else err.endswith("\n" + message + "\n")
+
+
+def test_resume_auto_never_restarts_over_a_finished_run(finished_run, hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    out, before = finished_run
+    os.remove(out / "resume.pt")
+    before = files(out)
+    message = (f"train.py: error: out_dir={str(out)!r} holds a run but no resume.pt to continue it from; nothing was "
+               "changed: replace the run with overwrite=true, or choose another out_dir")
+    fails_with(capsys, 2, message, run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out))
+    assert files(out) == before
+    copy = tmp_path / "copy"  # a finished run copied without its resume.pt
+    copy.mkdir()
+    for name in ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl"):
+        shutil.copy(out / name, copy / name)
+    fails_with(capsys, 2, message.replace(str(out), str(copy)), run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, copy))
+
+
+HOLDER = r"""
+import sys, time, train
+real = train.validation_loss
+calls = [0]
+def stall(*args, **kwargs):  # hold the run open after its first checkpoints
+    calls[0] += 1
+    if calls[0] == 2:
+        time.sleep(600)
+    return real(*args, **kwargs)
+train.validation_loss = stall
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_second_process_is_refused_while_a_run_holds_out_dir(straight_run, hf_gpt2_dir, small_data_dir, tmp_path,
+                                                               capsys):
+    out = tmp_path / "run"
+    flags = tiny_run_flags(hf_gpt2_dir, small_data_dir, out)
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "resume.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert (out / "resume.pt").exists()
+        before = files(out)
+        holder = f"train.py (process {first.pid})"
+        in_use = f"out_dir={str(out)!r} is in use by {holder}; wait for it to end or choose another out_dir"
+        fails_with(capsys, 2, f"train.py: error: {in_use}", run_train, *flags)
+        fails_with(capsys, 2, f"generate.py: error: {in_use}", generate.main, [f"out_dir={out}", "ckpt=best", "device=cpu"])
+        fails_with(capsys, 2, f"export.py: error: {in_use}", export.main, [f"out_dir={out}", f"dest={tmp_path / 'x'}"])
+        assert files(out) == before and not (tmp_path / "x").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    run_train(*flags)  # the kernel released the killed process's lock; the run resumes
+    expected, got = load_checkpoint(straight_run / "ckpt_last.pt"), load_checkpoint(out / "ckpt_last.pt")
+    for key, value in expected["model"].items():
+        assert torch.equal(value, got["model"][key]), key
+    assert losses(out) == losses(straight_run)  # one run's log, not two interleaved
+
+
+def test_lock_is_released_by_a_failed_run(finished_run, capsys):
+    out, _ = finished_run
+    with pytest.raises(SystemExit):
+        run_train("init_from=resume", f"out_dir={out}", "rank=4")  # refused after taking the lock
+    with locked(str(out), "test"):  # free again
+        pass
+
+
+def test_ckpt_interval_never_saves_a_diverged_state(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = [f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "lora_rank=0",
+             "learning_rate=1e30", "eval_interval=100", "ckpt_interval=1", "max_iters=4", "resume=auto"]
+    fails_with(capsys, 1, "train.py: error: training loss is nan at iteration 2; checkpoints left as they were",
+               run_train, *flags)
+    resume = load_checkpoint(out / "resume.pt")  # the last good state: iteration 0, before the huge step
+    assert resume["iter_num"] == 0
+    start = load_checkpoint(out / "ckpt.pt")["model"]
+    assert all(torch.equal(resume["model"][k], start[k]) for k in start)
+
+
+def test_ckpt_interval_resume_pt_resumes_exactly(straight_run, hf_gpt2_dir, small_data_dir, tmp_path):
+    out = tmp_path / "killed"
+    flags = tiny_run_flags(hf_gpt2_dir, small_data_dir, out) + ["ckpt_interval=1"]
+    # the third write is resume.pt of iteration 1, saved once step 2's loss proved finite; die in the fourth
+    killed = subprocess.run([sys.executable, "-c", KILLER, "atomic_write", "4", *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert load_checkpoint(out / "resume.pt")["iter_num"] == 1
+    run_train(*flags)
+    expected, got = load_checkpoint(straight_run / "ckpt_last.pt"), load_checkpoint(out / "ckpt_last.pt")
+    for key, value in expected["model"].items():
+        assert torch.equal(value, got["model"][key]), key
+    assert losses(out) == losses(straight_run)
+
+
+def test_overwrite_removes_the_old_run_before_writing(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "eval_test=true")
+    assert (out / "results.json").exists()
+    # the same run started again with overwrite=true, killed before its first evaluation
+    killed = subprocess.run([sys.executable, "-c", KILLER, "validation_loss", "1",
+                             *tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "overwrite=true"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl"]  # nothing of the old run is left to mix
+    fails_with(capsys, 2, f"generate.py: error: no checkpoint at {out / 'ckpt.pt'}; make one with: python train.py "
+               f"out_dir={out}", generate.main, [f"out_dir={out}", "device=cpu"])
+
+
+def test_files_of_two_runs_are_refused_together(finished_run, hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    out, _ = finished_run
+    other = tmp_path / "other"
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, other)[:-1])
+    shutil.copy(other / "ckpt_last.pt", out / "ckpt_last.pt")
+    ids = [load_checkpoint(out / name)["run_id"] for name in ("ckpt.pt", "ckpt_last.pt")]
+    assert ids[0] != ids[1]
+    message = (f"these files belong to different runs: {out / 'ckpt.pt'} (run {ids[0]}), "
+               f"{out / 'ckpt_last.pt'} (run {ids[1]})")
+    fails_with(capsys, 2, f"generate.py: error: {message}", generate.main, [f"out_dir={out}", "device=cpu"])
+    resume_message = (f"these files belong to different runs: {out / 'resume.pt'} (run {ids[0]}), "
+                      f"{out / 'ckpt_last.pt'} (run {ids[1]})")
+    fails_with(capsys, 2, f"train.py: error: {resume_message}", run_train, "init_from=resume", f"out_dir={out}",
+               "max_iters=6")
+
+
+@pytest.fixture
+def evaluated_run(hf_gpt2_dir, small_data_dir, tmp_path):
+    out = tmp_path / "run"
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "eval_test=true")
+    return out
+
+
+@pytest.mark.parametrize("flags", [["num_examples=5"], ["split=validation"], ["temperature=1.0"]])
+def test_a_partial_evaluation_never_replaces_the_test_result(evaluated_run, flags):
+    out = evaluated_run
+    before = {name: (out / name).read_bytes() for name in ("results.json", "predictions.json")}
+    generate.main([f"out_dir={out}", "device=cpu", *flags])
+    assert {name: (out / name).read_bytes() for name in before} == before
+    last = json.loads((out / "last_evaluation.json").read_text())
+    assert last["complete"] is False and len(last["results"]) == 2
+
+
+def test_one_checkpoint_or_method_replaces_only_its_own_rows(evaluated_run):
+    import report
+    out = evaluated_run
+    last_row = json.loads((out / "results.json").read_text())["results"][1]
+    generate.main([f"out_dir={out}", "device=cpu", "ckpt=best", "method=logprob"])
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [(r["checkpoint"], r["method"]) for r in rows] == [
+        ("Best Val Checkpoint", "generate"), ("Last Iter Checkpoint", "generate"), ("Best Val Checkpoint", "logprob")]
+    assert rows[1] == last_row
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert [(p["checkpoint"], p["method"]) for p in predictions] == [(r["checkpoint"], r["method"]) for r in rows]
+    assert report.is_finished(str(out))
+
+
+def test_temporary_files_are_new_and_unpredictable(tmp_path, monkeypatch):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for name in (f"ckpt.pt.tmp-{os.getpid()}", f".ckpt.pt.{os.getpid()}.tmp"):  # names an attacker might guess
+        os.symlink(victim, tmp_path / name)
+    used = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (used.append(os.path.basename(src)), real_replace(src, dst)))
+    for content in (b"one", b"two"):
+        atomic_write(str(tmp_path / "ckpt.pt"), lambda f: f.write(content))
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"two" and victim.read_text() == "keep me"
+    assert len(set(used)) == 2 and all(u.startswith(".ckpt.pt.") and u.endswith(".tmp") for u in used)
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o666 & ~UMASK  # not mkstemp's owner-only mode
+
+
+def test_a_key_in_wandb_api_json_cannot_be_committed():
+    ignored = subprocess.run(["git", "check-ignore", "-q", "wandb_api.json"], cwd=ROOT)
+    tracked = subprocess.run(["git", "ls-files", "wandb_api.json"], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.returncode == 0 and tracked.stdout == ""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["out_dir="], "out_dir is empty: name a directory for the run's files"),
+    (["out_dir=/sys/run"], "out_dir='/sys/run' cannot be written: /sys: "),
+    (["seed=99999999999999999999"], "seed=99999999999999999999: must be in [0, 2**32)"),
+    (["lora_alpha=0"], "lora_alpha=0.0: must be positive (the update is scaled by alpha / rank)"),
+    (["lora_alpha=-4"], "lora_alpha=-4.0: must be positive (the update is scaled by alpha / rank)"),
+])
+def test_more_bad_flags_stop_before_loading_anything(flags, message, tmp_path, capsys, monkeypatch):
+    import model
+    monkeypatch.setattr(model.GPT, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as e:
+        run_train(f"out_dir={tmp_path / 'out'}", *flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"train.py: error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_context_too_small_for_the_prompt_stops_before_training(small_data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "forward_backward", lambda *a, **k: pytest.fail("trained"))
+    fails_with(capsys, 2, "train.py: error: the 'default' prompt needs 23 tokens and 5 more are generated, more than "
+               "the model's 24-token context", run_train, "init_from=scratch", "block_size=24", f"dataset={small_data_dir}",
+               f"out_dir={tmp_path / 'o'}", "eval_test=true")
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_new_tokens_beyond_the_context_is_one_clear_line(finished_run, capsys):
+    out, _ = finished_run
+    fails_with(capsys, 2, "generate.py: error: the 'default' prompt needs 23 tokens and 100000 more are generated, "
+               "more than the model's 256-token context", generate.main,
+               [f"out_dir={out}", "ckpt=best", "device=cpu", "max_new_tokens=100000"])
+
+
+def test_an_explicit_init_from_on_resume_must_be_the_runs_base(finished_run, hf_gpt2_dir, small_data_dir, tmp_path,
+                                                                capsys):
+    out, before = finished_run
+    other = tmp_path / "other"
+    save_random_hf_gpt2(other, seed=1)
+    ckpt = load_checkpoint(out / "ckpt_last.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_train(*tiny_run_flags(other, small_data_dir, out), "max_iters=6")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(
+        f"train.py: error: the adapter was trained on {hf_gpt2_dir} (weights {ckpt['base']['fingerprint']}), not on {other}")
+    assert files(out) == before
+    full = tmp_path / "full"
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, full)[:-1], "rank=0", "max_iters=2")
+    full_flags = [f for f in tiny_run_flags(other, small_data_dir, full) if not f.startswith("rank=")]
+    fails_with(capsys, 2, f"train.py: error: init_from={str(other)!r} differs from the resumed run's "
+               f"init_from={str(hf_gpt2_dir)!r}, and that run trains every weight, so it continues from its own; drop "
+               "the flag or use a new out_dir", run_train, *full_flags, "max_iters=3")
+
+
+def edited_checkpoint(path, edit):
+    checkpoint = load_checkpoint(path)
+    edit(checkpoint)
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(b""), "{p} is corrupt or truncated (an empty file)"),
+    (lambda p: p.write_bytes(os.urandom(4096)), "{p} is corrupt or truncated ("),
+    (lambda p: edited_checkpoint(p, lambda c: c.pop("model")), "{p} is incomplete: it lacks model"),
+    (lambda p: edited_checkpoint(p, lambda c: c["model_args"].update(n_embd=128)),
+     "the checkpoint's model_args have n_embd=128, its base model n_embd=64"),
+    (lambda p: edited_checkpoint(p, lambda c: c["model"].update({"transformer.h.0.attn.q_attn.lora_A": torch.zeros(4, 64)})),
+     "the checkpoint's transformer.h.0.attn.q_attn.lora_A has shape (4, 64), the model's (8, 64): its tensors and "
+     "model_args disagree"),
+    (lambda p: edited_checkpoint(p, lambda c: c["model_args"].update(flash=True)),
+     "the checkpoint's model_args are not this model's settings ("),
+])
+def test_damaged_checkpoints_are_one_line(finished_run, capsys, damage, message):
+    out, _ = finished_run
+    damage(out / "ckpt.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        generate.main([f"out_dir={out}", "ckpt=best", "device=cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("generate.py: error: " + message.format(p=out / "ckpt.pt"))
+    assert err.count("\n") == 1 and "pickled code" not in err
+
+
+def test_an_empty_resume_pt_is_one_line(finished_run, hf_gpt2_dir, small_data_dir, capsys):
+    out, _ = finished_run
+    (out / "resume.pt").write_bytes(b"")
+    fails_with(capsys, 2, f"train.py: error: {out / 'resume.pt'} is corrupt or truncated (an empty file)",
+               run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
+
+
+def test_metrics_lines_that_are_not_rows_do_not_stop_a_resume(finished_run, hf_gpt2_dir, small_data_dir):
+    out, _ = finished_run
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    lines[3:3] = ['{"note": "no iter here"}', "not json at all", "[1, 2]"]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r.get("iter"), int) for r in rows)
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4, 6]
