@@ -9,7 +9,10 @@ and one line that names the flag.
 """
 import contextlib
 import difflib
+import os
+import socket
 import sys
+import urllib.parse
 from types import SimpleNamespace
 
 ALIASES = {"rank": "lora_rank", "alpha": "lora_alpha", "lr": "learning_rate"}
@@ -150,6 +153,39 @@ def parse_flags(prog, flags, argv, summary=""):
     except UsageError as e:
         fail(prog, str(e))
     return SimpleNamespace(**values), explicit
+
+
+def check_source(flag, name):
+    """Before anything is loaded: a directory named by flag must exist; for a Hugging Face hub name,
+    where the hub cannot be reached, the Hugging Face libraries are told to use their local cache at
+    once instead of retrying for a minute (call it before they are imported)."""
+    from model import is_local_path
+    if is_local_path(name):
+        if not os.path.isdir(name):
+            raise UsageError(f"{flag}={name!r}: no such directory")
+    elif not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def source_error(flag, name, error):
+    """The one line for weights that cannot be loaded: what went wrong, and the flag that fixes it."""
+    from model import GPT2_SIZES
+    close = difflib.get_close_matches(name, GPT2_SIZES, n=1, cutoff=0.8)
+    hint = f"did you mean {flag}={close[0]}?" if close and close[0] != name else f"a local copy works too: {flag}=DIR"
+    return UsageError(f"{flag}={name!r}: {error}; {hint}")
+
+
+def hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; the libraries find out themselves
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
 
 
 def resolve_device(device):

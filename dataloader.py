@@ -1,7 +1,8 @@
 """Rotten Tomatoes as instruction-tuning data: prompts, tokens and padded batches.
 
 Each review becomes `<prompt> positive<|endoftext|>` or `<prompt> negative<|endoftext|>`, where the
-prompt ends with `Label:`. By default the loss covers only the answer tokens.
+prompt ends with `Label:`: the record's instr_tuned_text, then the end-of-text token. By default
+the loss covers only the answer tokens.
 """
 import json
 import os
@@ -9,7 +10,7 @@ from functools import lru_cache
 
 import torch
 
-from model import IGNORE_INDEX
+from model import IGNORE_INDEX, is_local_path
 
 PROMPT_TEMPLATES = {
     "default": ("Instruction: Classify the sentiment of the movie review as positive or negative.\n"
@@ -28,13 +29,33 @@ class DataError(ValueError):
 @lru_cache(maxsize=None)
 def get_tokenizer():
     import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # the BPE files are downloaded once, then read from tiktoken's cache
+        raise DataError(f"cannot get the GPT-2 tokenizer's files ({type(e).__name__}); connect to the internet once, "
+                        "or set TIKTOKEN_CACHE_DIR to a directory that holds them") from None
 
 
 def get_sentiment_prompt(text, label=None, template="default"):
-    """The instruction prompt for a review; with a label (0/1), the answer word follows."""
+    """The instruction prompt for a review; with a label (1 or 0, or the words positive or
+    negative), the answer follows it. label None or '' gives the prompt alone."""
     prompt = PROMPT_TEMPLATES[template].format(text=text)
-    return prompt if label is None else prompt + LABEL_WORDS[label]
+    if label is None or label == "":
+        return prompt
+    if isinstance(label, str):
+        label = {"positive": 1, "negative": 0}.get(label.strip().lower(), label)
+    if isinstance(label, bool) or label not in (0, 1):
+        raise ValueError(f"label must be 1, 0, 'positive', 'negative' or None, got {label!r}")
+    return prompt + LABEL_WORDS[label]
+
+
+def sample(items, n, seed=0):
+    """n of items drawn at random, in their order, the same n every time; all of them where n is 0
+    (or more than there are). The splits are sorted by label, so their first rows would not do."""
+    if not 0 < n < len(items):
+        return list(items)
+    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return [items[i] for i in keep.tolist()]
 
 
 def encode_prompts(texts, template="default", max_tokens=None):
@@ -68,11 +89,6 @@ def check_prompt_room(template, block_size, generated):
     if needed + generated > block_size:
         raise DataError(f"the '{template}' prompt needs {needed} tokens and {generated} more are generated, "
                         f"more than the model's {block_size}-token context")
-
-
-def answer_tokens(label):
-    enc = get_tokenizer()
-    return enc.encode_ordinary(LABEL_WORDS[label]) + [enc.eot_token]
 
 
 def _check_record(rec, where):
@@ -112,16 +128,14 @@ def load_rotten_tomatoes(dataset="rotten_tomatoes"):
     or from the Hugging Face hub through `datasets`."""
     if os.path.isdir(dataset):
         return {s: _read_jsonl(os.path.join(dataset, f"{s}.jsonl"), s) for s in SPLITS}
-    looks_local = dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1 or (
-        "/" in dataset and os.path.isdir(dataset.split("/")[0]))
-    if looks_local:
+    if is_local_path(dataset):
         raise DataError(f"dataset directory {dataset} does not exist")
     try:
         from datasets import load_dataset  # only the hub path needs it
         hub = load_dataset(HUB_NAMES.get(dataset, dataset))
     except Exception as e:
-        raise DataError(f"cannot load dataset {dataset!r} from the hub ({str(e).splitlines()[0]}); "
-                        "a local directory with train/validation/test.jsonl also works") from None
+        raise DataError(f"cannot load dataset {dataset!r} from the hub ({str(e).splitlines()[0]}); give a local "
+                        "copy instead: dataset=DIR, a directory with train.jsonl, validation.jsonl, test.jsonl") from None
     splits = {}
     for s in SPLITS:
         if s not in hub or len(hub[s]) == 0:
@@ -144,17 +158,28 @@ class CustomDataLoader:
         splits = dataset if isinstance(dataset, dict) else load_rotten_tomatoes(dataset)
         self.records, self.examples, self.truncated = {}, {}, 0
         for split, records in splits.items():
-            records = self.records[split] = [self._add_instruction_finetuning(dict(r)) for r in records]
-            answers = [answer_tokens(r["label"]) for r in records]
-            # x is ids[:-1], so prompt + answer may be one token longer than the context
-            prompts, truncated = encode_prompts([r["text"] for r in records], prompt_template,
-                                                block_size + 1 - max(map(len, answers)))
-            self.truncated += truncated
-            self.examples[split] = [(p + a, len(p)) for p, a in zip(prompts, answers)]
+            self.records[split] = [self._add_instruction_finetuning(dict(r)) for r in records]
+            self.examples[split] = [self._example(r, block_size) for r in self.records[split]]
 
     def _add_instruction_finetuning(self, rec):
         rec["instr_tuned_text"] = get_sentiment_prompt(rec["text"], rec["label"], self.template)
         return rec
+
+    def _example(self, rec, block_size):
+        """(ids, prompt length): the tokens of instr_tuned_text and <|endoftext|>, the review cut short
+        where they would not fit the context, and how many of them are the prompt."""
+        enc = get_tokenizer()
+        ids = enc.encode_ordinary(rec["instr_tuned_text"]) + [enc.eot_token]
+        prompt = enc.encode_ordinary(get_sentiment_prompt(rec["text"], template=self.template))
+        if ids[:len(prompt)] != prompt:
+            raise DataError(f"instr_tuned_text must start with the prompt's tokens and add the answer after them "
+                            f"(as 'Label:' then ' positive'), got {rec['instr_tuned_text'][-40:]!r}")
+        if len(ids) > block_size + 1:  # x is ids[:-1], so the text may be one token longer than the context
+            answer = ids[len(prompt):]
+            prompt = _truncate(rec["text"], self.template, block_size + 1 - len(answer))
+            ids = prompt + answer
+            self.truncated += 1
+        return ids, len(prompt)
 
     def _permutation(self, epoch):
         generator = torch.Generator().manual_seed(self.seed + epoch)
@@ -190,12 +215,9 @@ class CustomDataLoader:
         return min(n, max_batches) if max_batches else n
 
     def batches(self, split, batch_size, max_batches=0):
-        """(x, y) batches over a whole split, grouped by length to pad little; with max_batches > 0,
-        only the first max_batches batches of the split in its own order."""
-        examples = self.examples[split]
-        if max_batches:
-            examples = examples[:max_batches * batch_size]
-        else:
-            examples = sorted(examples, key=lambda e: len(e[0]))
+        """(x, y) batches over a split, grouped by length to pad little; with max_batches > 0, over
+        max_batches x batch_size of its examples drawn at random (the same ones every time)."""
+        examples = sample(self.examples[split], max_batches * batch_size)
+        examples.sort(key=lambda e: len(e[0]))
         for start in range(0, len(examples), batch_size):
             yield self.collate(examples[start:start + batch_size])

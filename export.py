@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 from checkpoint import UMASK, CheckpointError, load_checkpoint, load_model, locked
-from configurator import UsageError, fail, parse_flags
+from configurator import UsageError, check_source, fail, parse_flags, source_error
 
 FLAGS = {
     "out_dir": ("out", "the run to export"),
@@ -90,12 +90,15 @@ def export(config):
             raise UsageError(f"{path} is not a LoRA run (it trained every weight); export it with format=hf")
         model = None
         if config.format == "hf":
+            base = config.base or (checkpoint["base"] or {}).get("init_from")
             try:
+                if base:
+                    check_source("base", base)
                 model = load_model(checkpoint, config.base or None)
             except CheckpointError:
                 raise
             except ValueError as e:
-                raise UsageError(str(e)) from None
+                raise source_error("base", base, e) from None
         write_directory(dest, lambda tmp: write_peft(checkpoint, tmp) if model is None else write_hf(model, tmp))
     print(f"wrote {dest} ({'PEFT LoRA adapter' if model is None else 'Hugging Face GPT2LMHeadModel'}) from {path}")
 

@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from lora import LoRALinear
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def is_local_path(name):
+    """name means a directory here, not a Hugging Face hub id such as gpt2 or org/name."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0]))
 
 
 @dataclass
@@ -278,15 +284,18 @@ class GPT(nn.Module):
         if not set(override_args) <= allowed:
             raise ValueError(f"from_pretrained can override only {sorted(allowed)}, "
                              f"got {sorted(set(override_args) - allowed)}")
+        if is_local_path(name_or_path) and not os.path.isdir(name_or_path):
+            raise ValueError(f"{name_or_path} does not exist")
         if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
             raise ValueError(f"{name_or_path} holds no config.json: expected a Hugging Face GPT-2 "
                              "checkpoint directory (config.json and model weights)")
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load GPT-2 weights from {name_or_path!r}: expected gpt2, "
-                             "gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a local Hugging "
-                             f"Face GPT-2 directory ({str(e).splitlines()[0]})") from None
+            expected = "" if name_or_path in GPT2_SIZES else (": expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                                                              "a GPT-2 hub id or a local Hugging Face GPT-2 directory")
+            raise ValueError(f"cannot load GPT-2 weights from {name_or_path!r}{expected} "
+                             f"({str(e).splitlines()[0]})") from None
         c = hf.config
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd, bias=True, **override_args)

@@ -4,7 +4,7 @@
     python report.py runs=r16_a64,full max_iters=20    # a subset, shorter
     python report.py init_from=gpt2 device=cpu max_iters=2 extra="batch_size=8 gradient_accumulation_steps=2"
 
-Each run is `python train.py config/<run>.py out_dir=<results_dir>/<run> resume=auto ...`: a finished
+Each run is `python train.py <its flags> out_dir=<results_dir>/<run> resume=auto ...`: a finished
 run (its results.json holds both checkpoints' test accuracy) is skipped and an interrupted one
 resumes, but only where its settings are the ones asked for now; a run with other settings stops
 report.py unless overwrite=true replaces it. Then it writes results.md (the tables), val_loss.png
@@ -26,14 +26,15 @@ from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig, count_parameters
 from runlog import read_metrics
 
-RUNS = {
-    "r16_a64": "LoRA r=16, alpha=64",
-    "r128_a512": "LoRA r=128, alpha=512",
-    "r196_a784": "LoRA r=196, alpha=784",
-    "full": "Full fine-tuning (dropout 0.05)",
-    "r16_a256": "LoRA r=16, alpha=256",
-    "r128_a512_question": "LoRA r=128, alpha=512, 'question' prompt",
+RUNS = {  # name: (label in the tables and plots, train.py flags beside its defaults)
+    "r16_a64": ("LoRA r=16, alpha=64", "lora_rank=16 lora_alpha=64"),
+    "r128_a512": ("LoRA r=128, alpha=512", "lora_rank=128 lora_alpha=512"),
+    "r196_a784": ("LoRA r=196, alpha=784", "lora_rank=196 lora_alpha=784"),
+    "full": ("Full fine-tuning (dropout 0.05)", "lora_rank=0 dropout=0.05"),
+    "r16_a256": ("LoRA r=16, alpha=256", "lora_rank=16 lora_alpha=256"),
+    "r128_a512_question": ("LoRA r=128, alpha=512, 'question' prompt", "lora_rank=128 lora_alpha=512 prompt_template=question"),
 }
+LABELS = {run: label for run, (label, _) in RUNS.items()}
 TABLES = [
     ("Test accuracy across ranks, alpha = 4r (5.4)", ["r16_a64", "r128_a512", "r196_a784", "full"]),
     ("A larger alpha at rank 16 (5.8)", ["r16_a64", "r16_a256", "full"]),
@@ -70,7 +71,7 @@ def is_finished(out_dir):
     results, last = read_results(out_dir), os.path.join(out_dir, "ckpt_last.pt")
     if not results or not os.path.isfile(last) or results["run_id"] != load_checkpoint(last)["run_id"]:
         return False
-    names = {r["checkpoint"] for r in results["results"] if r["method"] == "generate"}
+    names = {r["checkpoint"] for r in results["results"] if (r["method"], r["parse"]) == ("generate", "near_start")}
     return {"Best Val Checkpoint", "Last Iter Checkpoint"} <= names
 
 
@@ -102,7 +103,7 @@ def zero_shot_row(config):
     results = read_results(os.path.join(config.results_dir, "zero_shot"))
     rows = results["results"] if results else []
     return next((r for r in rows if r["checkpoint"] == f"Zero-shot {config.init_from}" and r["method"] == "generate"
-                 and r["settings"]["dataset"] == config.dataset), None)
+                 and r["parse"] == "near_start" and r["settings"]["dataset"] == config.dataset), None)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,7 +111,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def train_argv(config, run):
     """train.py's flags for one run of the grid."""
-    argv = [os.path.join(HERE, "config", f"{run}.py"), f"out_dir={os.path.join(config.results_dir, run)}",
+    argv = [*shlex.split(RUNS[run][1]), f"out_dir={os.path.join(config.results_dir, run)}",
             "resume=auto", "eval_test=true", f"init_from={config.init_from}", f"dataset={config.dataset}",
             f"device={config.device}", *shlex.split(config.extra)]
     return argv + ([f"max_iters={config.max_iters}"] if config.max_iters else [])
@@ -155,7 +156,7 @@ def run_summary(out_dir):
         mark_only_lora_as_trainable(model)
     trainable, total = count_parameters(model)
     results = read_results(out_dir)
-    by_name = {r["checkpoint"]: r for r in results["results"] if r["method"] == "generate"}
+    by_name = {r["checkpoint"]: r for r in results["results"] if (r["method"], r["parse"]) == ("generate", "near_start")}
     metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     return dict(rank=model.config.lora_rank, alpha=model.config.lora_alpha, best=by_name["Best Val Checkpoint"],
                 last=by_name["Last Iter Checkpoint"], trainable=trainable, total=total,
@@ -170,11 +171,11 @@ def table(runs, summaries):
     for run in runs:
         s = summaries.get(run)
         if s is None:
-            lines.append(f"| {RUNS[run]} | not run yet | | | | | | | | |")
+            lines.append(f"| {LABELS[run]} | not run yet | | | | | | | | |")
             continue
         alpha = f"{s['alpha']:g}" if s["rank"] else "-"
         time_text = f"{s['seconds'] / 60:.1f} min" if s["seconds"] is not None else "?"
-        lines.append(f"| {RUNS[run]} | {s['rank']} | {alpha} | {s['best']['accuracy']:.4f} | {s['last']['accuracy']:.4f} "
+        lines.append(f"| {LABELS[run]} | {s['rank']} | {alpha} | {s['best']['accuracy']:.4f} | {s['last']['accuracy']:.4f} "
                      f"| {s['best']['unparseable']} / {s['last']['unparseable']} "
                      f"| {s['trainable']:,} of {s['total']:,} ({100 * s['trainable'] / s['total']:.2f}%) "
                      f"| {s['iters']} | {time_text} | {s['device']} |")
@@ -207,7 +208,7 @@ def write_plots(results_dir, summaries):
         fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
         for run in runs:
             if run in series:
-                ax.plot(*zip(*series[run]), marker="o", markersize=3, label=RUNS[run])
+                ax.plot(*zip(*series[run]), marker="o", markersize=3, label=LABELS[run])
         ax.set(xlabel="iteration", ylabel="validation loss (answer tokens)", title=title)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -215,7 +216,7 @@ def write_plots(results_dir, summaries):
         fig.tight_layout()
         atomic_write(os.path.join(results_dir, filename), lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
-    data = {filename: {RUNS[r]: series[r] for r in runs if r in series} for filename, (_, runs) in PLOTS.items()}
+    data = {filename: {LABELS[r]: series[r] for r in runs if r in series} for filename, (_, runs) in PLOTS.items()}
     atomic_write(os.path.join(results_dir, "val_loss.json"), lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 

@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 
 from checkpoint import (CheckpointError, base_fingerprint, is_finite, load_checkpoint, load_model, load_trained, locked,
                         make_checkpoint, same_run, save_checkpoint)
-from configurator import UsageError, autocast, device_name, fail, parse_flags, resolve_device, resolve_dtype
-from dataloader import PROMPT_TEMPLATES, CustomDataLoader, DataError, check_prompt_room, load_rotten_tomatoes
+from configurator import (UsageError, autocast, check_source, device_name, fail, parse_flags, resolve_device,
+                          resolve_dtype, source_error)
+from dataloader import (PROMPT_TEMPLATES, CustomDataLoader, DataError, check_prompt_room, get_tokenizer,
+                        load_rotten_tomatoes)
 from lora import mark_only_lora_as_trainable
 from model import GPT, IGNORE_INDEX, GPTConfig, describe_parameters
 from runlog import RunLog
@@ -217,7 +219,7 @@ def build_model(config, state):
     except CheckpointError:
         raise
     except ValueError as e:
-        raise UsageError(f"init_from={config.init_from!r}: {e}") from None
+        raise source_error("init_from", config.init_from, e) from None
     if config.lora_rank == 0:
         return model, None
     mark_only_lora_as_trainable(model)  # the LoRA step: only A and B train, and checkpoints hold just those
@@ -313,8 +315,8 @@ def test_accuracy(model, loader, config, device, dtype):
     """The Best Val and Last Iter lines on the test split, through generate.py's evaluation."""
     import generate
     settings = dict(prompt_template=config.prompt_template, max_new_tokens=TEST_MAX_NEW_TOKENS, temperature=0.0,
-                    top_k=0, batch_size=config.eval_batch_size, seed=config.seed, init_from=config.init_from,
-                    dataset=config.dataset, device=device_name(device))
+                    top_k=0, parse="near_start", batch_size=config.eval_batch_size, seed=config.seed,
+                    init_from=config.init_from, dataset=config.dataset, device=device_name(device))
     records = loader.records["test"]
     rows, sets = generate.evaluate(model, "Last Iter Checkpoint", records, ["generate"], settings, device=device,
                                    dtype=dtype)
@@ -345,7 +347,11 @@ def run(config, state, hold):
     out_dir = config.out_dir
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    records = load_rotten_tomatoes(config.dataset)  # bad data stops the run before any download or write
+    if config.init_from != "scratch":  # a missing directory, or an unreachable hub, is found out now
+        check_source("init_from", config.init_from)
+    check_source("dataset", config.dataset)
+    get_tokenizer()  # downloaded once; better to fail here than after loading the data and the model
+    records = load_rotten_tomatoes(config.dataset)  # bad data stops the run before the model downloads
     rank, world, device = setup_distributed(device)
     master = rank == 0
     step_examples = config.batch_size * config.gradient_accumulation_steps

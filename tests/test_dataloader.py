@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dataloader import (PROMPT_TEMPLATES, CustomDataLoader, DataError, answer_tokens, encode_prompts,
+from dataloader import (PROMPT_TEMPLATES, CustomDataLoader, DataError, encode_prompts,
                         get_sentiment_prompt, get_tokenizer, load_rotten_tomatoes)
 from model import IGNORE_INDEX
 
@@ -31,15 +31,40 @@ def test_prompt_and_answer_tokens(template):
     enc = get_tokenizer()
     prompt = get_sentiment_prompt("a gorgeous , witty film", template=template)
     assert prompt.endswith(":") and "a gorgeous , witty film" in prompt
-    assert get_sentiment_prompt("x", 1, template) == get_sentiment_prompt("x", template=template) + " positive"
-    assert get_sentiment_prompt("x", 0, template) == get_sentiment_prompt("x", template=template) + " negative"
-    assert answer_tokens(1) == [POSITIVE, EOT] and answer_tokens(0) == [NEGATIVE, EOT]
-    # prompt and answer tokenized apart give the same ids as the whole text
-    for label in (0, 1):
+    for positive in (1, "positive", " Positive", "POSITIVE"):
+        assert get_sentiment_prompt("x", positive, template) == get_sentiment_prompt("x", template=template) + " positive"
+    for negative in (0, "negative", "Negative "):
+        assert get_sentiment_prompt("x", negative, template) == get_sentiment_prompt("x", template=template) + " negative"
+    assert get_sentiment_prompt("x", "", template) == get_sentiment_prompt("x", None, template) == prompt.replace(
+        "a gorgeous , witty film", "x")
+    # the prompt's tokens are the start of the whole text's, and the answer is one token
+    for label, answer in ((0, NEGATIVE), (1, POSITIVE)):
         (ids,), truncated = encode_prompts(["a gorgeous , witty film"], template)
         assert truncated == 0
-        whole = enc.encode_ordinary(get_sentiment_prompt("a gorgeous , witty film", label, template))
-        assert ids + answer_tokens(label)[:1] == whole
+        assert enc.encode_ordinary(get_sentiment_prompt("a gorgeous , witty film", label, template)) == ids + [answer]
+
+
+@pytest.mark.parametrize("label", [2, -1, "neutral", "pos", True, 1.5, [1]])
+def test_other_labels_are_refused(label):
+    with pytest.raises(ValueError, match=r"^label must be 1, 0, 'positive', 'negative' or None, got "):
+        get_sentiment_prompt("x", label)
+
+
+def test_training_text_is_instr_tuned_text(tiny_dir, monkeypatch):
+    import dataloader
+    enc = get_tokenizer()
+    # a student's own answer format (handout 5.11): the training text follows _add_instruction_finetuning
+    monkeypatch.setattr(dataloader.CustomDataLoader, "_add_instruction_finetuning",
+                        lambda self, rec: dict(rec, instr_tuned_text=get_sentiment_prompt(rec["text"]) +
+                                               (" great" if rec["label"] else " awful")))
+    loader = CustomDataLoader(str(tiny_dir), block_size=128)
+    for rec, (ids, n_prompt) in zip(loader.records["train"], loader.examples["train"]):
+        assert ids == enc.encode_ordinary(rec["instr_tuned_text"]) + [EOT]
+        assert ids[n_prompt:] == enc.encode_ordinary(" great" if rec["label"] else " awful") + [EOT]
+    monkeypatch.setattr(dataloader.CustomDataLoader, "_add_instruction_finetuning",
+                        lambda self, rec: dict(rec, instr_tuned_text="Review: " + rec["text"] + " positive"))
+    with pytest.raises(DataError, match="^instr_tuned_text must start with the prompt's tokens"):
+        CustomDataLoader(str(tiny_dir), block_size=128)
 
 
 def test_default_prompt_shape():
@@ -149,9 +174,12 @@ def test_batches_cover_the_split_once(data_dir):
             padding += x.size(1) - (n - 1)
     assert sorted(seen) == sorted(ids[:-1] for ids, _ in loader.examples["validation"])
     assert padding < 0.05 * sum(len(s) for s in seen)  # grouped by length: little padding
-    x, _ = next(loader.batches("validation", 8, max_batches=1))
-    assert x[0, :len(loader.examples["validation"][0][0]) - 1].tolist() == loader.examples["validation"][0][0][:-1]
-    assert len(list(loader.batches("validation", 8, max_batches=3))) == 3
+    # eval_iters batches: a random sample of the split, the same every time, both labels in it
+    some = [x for x, _ in loader.batches("validation", 8, max_batches=3)]
+    assert len(some) == 3 and all(torch.equal(a, b) for a, b in zip(some, (x for x, _ in loader.batches("validation", 8, 3))))
+    rows = [ids for x in some for ids in x.tolist()]
+    answers = [next(t for t in reversed(row) if t != EOT) for row in rows]
+    assert {POSITIVE, NEGATIVE} <= set(answers)  # the split's first 24 rows are all positive
 
 
 def test_hub_path_reads_a_dataset_dict(data_dir, monkeypatch):
@@ -180,5 +208,5 @@ def test_hub_rows_are_checked_and_hub_failures_are_one_line(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError) as e:
         load_rotten_tomatoes("rotten_tomatoes")
-    assert str(e.value) == ("cannot load dataset 'rotten_tomatoes' from the hub (Couldn't reach the hub); "
-                            "a local directory with train/validation/test.jsonl also works")
+    assert str(e.value) == ("cannot load dataset 'rotten_tomatoes' from the hub (Couldn't reach the hub); give a local "
+                            "copy instead: dataset=DIR, a directory with train.jsonl, validation.jsonl, test.jsonl")

@@ -62,7 +62,7 @@ def greedy_continuations(hf, prompts, n):
     for prompt in prompts:
         tokens = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
                              pad_token_id=50256)[0, len(prompt):].tolist()
-        cut = next((i + 1 for i, t in enumerate(tokens) if t in (50256, 198, 628)), len(tokens))
+        cut = next((i + 1 for i, t in enumerate(tokens) if t == 50256), len(tokens))
         out.append(tokens[:cut])
     return out
 
@@ -107,7 +107,8 @@ def test_peft_needs_a_lora_run(full_run, tmp_path, capsys):
     (["dest="], "dest= is required: the directory to write the export to"),
     (["dest={tmp}/full"], "dest='{tmp}/full' exists and is not empty; choose a new directory"),
     (["out_dir={tmp}/nothing"], "no checkpoint at {tmp}/nothing/ckpt.pt; make one with: python train.py out_dir={tmp}/nothing"),
-    (["format=hf", "base={tmp}/nothing"], "cannot load GPT-2 weights from '{tmp}/nothing': expected gpt2, gpt2-medium"),
+    (["format=hf", "base={tmp}/nothing"], "base='{tmp}/nothing': no such directory"),
+    (["format=hf", "base={tmp}/full"], "base='{tmp}/full': {tmp}/full holds no config.json: expected a Hugging Face GPT-2"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(lora_run, tmp_path, capsys, flags, message):
     (tmp_path / "full").mkdir()

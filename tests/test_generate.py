@@ -12,16 +12,20 @@ from checkpoint import load_checkpoint, load_model
 from conftest import run_train
 from dataloader import encode_prompts, get_tokenizer, load_rotten_tomatoes
 from generate import parse_label, predict_labels, summarize
-from model import GPT, KVCache
+from model import GPT, GPTConfig, KVCache
 
 
-@pytest.mark.parametrize("text, label", [
-    (" positive", 1), ("Positive!", 1), (" negative.", 0), ("\n negative", 0), (" NEGATIVE<|endoftext|>", 0),
-    (" neutral", -1), ("", -1), ("   ", -1), (" positively", -1), (" not positive", -1),
-    (" negative positive", 0), (" pos", -1), ("positive,", 1), (" 1", -1),
+@pytest.mark.parametrize("text, near_start, first_word", [
+    (" positive", 1, 1), ("Positive!", 1, 1), (" negative.", 0, 0), ("\n negative", 0, 0), (" NEGATIVE<|endoftext|>", 0, 0),
+    (' "positive"', 1, -1), (" (negative)", 0, -1), (" - positive", 1, -1), ("\n\npositive", 1, 1),
+    (" neutral", -1, -1), ("", -1, -1), ("   ", -1, -1), (" positively", 1, -1), (" not positive", 1, -1),
+    (" negative positive", 0, 0), (" positive, not negative", 1, 1), (" pos", -1, -1), ("positive,", 1, 1), (" 1", -1, -1),
+    (" it is a film that feels negative", -1, -1),  # the label begins past the first 20 characters
+    (" a film, feels negative", 0, -1),             # ... and here within them
 ])
-def test_parse_label(text, label):
-    assert parse_label(text) == label
+def test_parse_label(text, near_start, first_word):
+    assert parse_label(text) == parse_label(text, "near_start") == near_start
+    assert parse_label(text, "first_word") == first_word
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +79,7 @@ def test_generate_method_parses_the_generated_text(lora_model, small_data_dir):
     prompts, _ = encode_prompts([r["text"] for r in records])
     for prompt, record, pred in zip(prompts, records, preds):
         tokens = lora_model.generate(torch.tensor([prompt]), 3, temperature=0)[0, len(prompt):].tolist()
-        cut = next((i + 1 for i, t in enumerate(tokens) if t in (50256, 198, 628)), len(tokens))
+        cut = next((i + 1 for i, t in enumerate(tokens) if t == 50256), len(tokens))
         assert pred["continuation"] == enc.decode([t for t in tokens[:cut] if t != 50256])
         assert pred["prediction"] == parse_label(pred["continuation"])
         assert (pred["text"], pred["label"]) == (record["text"], record["label"])
@@ -104,6 +108,7 @@ def test_train_reports_both_checkpoints_through_generate(trained_run):
     trained_run, printed = trained_run
     lines = [l for l in printed.splitlines() if " || Accuracy: " in l]
     assert [l.split(" || ")[0] for l in lines] == ["Last Iter Checkpoint", "Best Val Checkpoint"]
+    assert printed.endswith(f"results: {trained_run / 'results.json'} and predictions.json\n")
     results = json.loads((trained_run / "results.json").read_text())
     for row in results["results"]:
         assert generate.report_line(row["checkpoint"], row) in lines
@@ -210,3 +215,50 @@ def test_classify_nothing_is_a_usage_error(trained_run, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             generate.main([f"out_dir={out}", flag, "device=cpu"])
         assert e.value.code == 2 and capsys.readouterr().err == f"generate.py: error: {message}\n"
+
+
+class Scripted:
+    """A model that answers every prompt with the same tokens, stopping as generate_batch does."""
+    config = GPTConfig(block_size=256)
+
+    def __init__(self, answer):
+        self.answer, self.asked = answer, []
+
+    def eval(self):
+        return self
+
+    def generate_batch(self, prompts, max_new_tokens, temperature, top_k, stop_tokens):
+        self.asked.append((max_new_tokens, stop_tokens))
+        answer = self.answer[:max_new_tokens]
+        cut = next((i + 1 for i, t in enumerate(answer) if t in stop_tokens), len(answer))
+        return [answer[:cut] for _ in prompts]
+
+
+@pytest.mark.parametrize("answer, continuation, near_start, first_word", [
+    ([198, 198, 3967], "\n\n positive", 1, 1),      # newlines do not end the answer
+    ([357, 31591, 8], " (negative)", 0, -1),
+    ([366, 24561, 1], ' "positive"', 1, -1),
+    ([3967, 50256, 4633], " positive", 1, 1),        # <|endoftext|> does
+    ([198, 8500, 1000, 1001, 1002, 4633], "\n neutralale Se If", -1, -1),  # max_new_tokens=5 ends it first
+])
+def test_answers_are_read_up_to_max_new_tokens_or_the_end_of_text(answer, continuation, near_start, first_word):
+    records = [dict(text="a film", label=1), dict(text="another film , longer", label=0)]
+    model = Scripted(answer)
+    for rule, expected in (("near_start", near_start), ("first_word", first_word)):
+        predicted = predict_labels(model, records, max_new_tokens=5, parse=rule)
+        assert [(p["continuation"], p["prediction"]) for p in predicted] == [(continuation, expected)] * 2
+    assert model.asked[0] == (5, (50256,))
+
+
+def test_num_examples_is_the_same_random_sample_of_both_labels(hf_gpt2_dir, data_dir, tmp_path):
+    picked = []
+    for _ in range(2):
+        generate.main([f"init_from={hf_gpt2_dir}", f"dataset={data_dir}", f"out_dir={tmp_path}", "num_examples=40",
+                       "device=cpu", "method=logprob"])
+        picked.append([r["text"] for r in json.loads((tmp_path / "last_predictions.json").read_text())[0]["records"]])
+    test = load_rotten_tomatoes(str(data_dir))["test"]
+    assert picked[0] == picked[1] and len(set(picked[0])) == 40
+    labels = {r["text"]: r["label"] for r in test}
+    assert 10 < sum(labels[t] for t in picked[0]) < 30  # the split's first 533 reviews are all positive
+    order = {r["text"]: i for i, r in enumerate(test)}
+    assert [order[t] for t in picked[0]] == sorted(order[t] for t in picked[0])  # in the split's order

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     results = tmp_path / "results"
     # the full run as report.py starts it, killed at its second evaluation (after iteration 1)
     killed = subprocess.run(
-        [sys.executable, "-c", KILLER, "validation_loss", "2", "config/full.py", f"out_dir={results / 'full'}",
+        [sys.executable, "-c", KILLER, "validation_loss", "2", *report.RUNS["full"][1].split(), f"out_dir={results / 'full'}",
          "resume=auto", "eval_test=true", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", "device=cpu",
          *TINY.split(), "max_iters=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -44,14 +45,14 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
         saved = json.loads((results / run / "results.json").read_text())["results"]
         best = next(r for r in saved if r["checkpoint"] == "Best Val Checkpoint")
         last = next(r for r in saved if r["checkpoint"] == "Last Iter Checkpoint")
-        rows = table_rows(markdown, report.RUNS[run])
+        rows = table_rows(markdown, report.LABELS[run])
         assert len(rows) == (2 if run in ("r16_a64", "full") else 1)
         cells = [c.strip() for c in rows[0].strip("|").split("|")]
         assert cells[3:6] == [f"{best['accuracy']:.4f}", f"{last['accuracy']:.4f}",
                               f"{best['unparseable']} / {last['unparseable']}"]
         assert cells[6] == ("12,288 of 3,345,216 (0.37%)" if run == "r16_a64" else "3,332,928 of 3,332,928 (100.00%)")
         assert cells[7] == "2" and cells[9] == "cpu"
-    assert table_rows(markdown, report.RUNS["r196_a784"]) == [f"| {report.RUNS['r196_a784']} | not run yet | | | | | | | | |"]
+    assert table_rows(markdown, report.LABELS["r196_a784"]) == [f"| {report.LABELS['r196_a784']} | not run yet | | | | | | | | |"]
     zero = json.loads((results / "zero_shot" / "results.json").read_text())["results"][0]
     assert f"| {hf_gpt2_dir} | {zero['accuracy']:.4f} | {zero['unparseable']} | cpu |" in markdown
     full_metrics = read_metrics(results / "full" / "metrics.jsonl")
@@ -67,8 +68,8 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     plotted = json.loads((results / "val_loss.json").read_text())
     for run in ("r16_a64", "full"):
         metrics = read_metrics(results / run / "metrics.jsonl")
-        assert plotted["val_loss.png"][report.RUNS[run]] == [[r["iter"], r["val_loss"]] for r in metrics if "val_loss" in r]
-    assert set(plotted["val_loss_alpha.png"]) == {report.RUNS["r16_a64"], report.RUNS["full"]}
+        assert plotted["val_loss.png"][report.LABELS[run]] == [[r["iter"], r["val_loss"]] for r in metrics if "val_loss" in r]
+    assert set(plotted["val_loss_alpha.png"]) == {report.LABELS["r16_a64"], report.LABELS["full"]}
     for name in ("val_loss.png", "val_loss_alpha.png"):
         image = matplotlib.image.imread(results / name)
         assert image.shape[:2] == (500, 800) and image.std() > 0
@@ -82,25 +83,55 @@ def test_unknown_run_is_a_usage_error(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_colab_notebook_runs_headless(hf_gpt2_dir, data_dir, tmp_path):
+def notebook(**parameters):
     nb = nbformat.read(ROOT / "run_in_colab.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed clean
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    results = tmp_path / "results"
-    params.source = "\n".join([
-        f"MODEL = {str(hf_gpt2_dir)!r}", "MAX_ITERS = 2", "RUNS = 'r16_a64'", f"RESULTS_DIR = {str(results)!r}",
-        f"DATASET = {str(data_dir)!r}", "DEVICE = 'cpu'", f"EXTRA = {TINY + ' eval_iters=2'!r}", "USE_WANDB = False",
-        "REPO_URL = ''"])
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    params.source = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    return nb
+
+
+def execute(nb, cwd):
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_colab_notebook_runs_from_uploaded_files_and_again(hf_gpt2_dir, data_dir, tmp_path):
+    content = tmp_path / "content"  # the project's files uploaded flat, as Colab's file panel does
+    content.mkdir()
+    for path in [*ROOT.glob("*.py"), ROOT / "requirements.txt"]:
+        shutil.copy(path, content)
+    parameters = dict(REPO_URL="", MODEL=str(hf_gpt2_dir), MAX_ITERS=2, RUNS="r16_a64", RESULTS_DIR="results",
+                      USE_DRIVE=False, DATASET=str(data_dir), DEVICE="cpu", EXTRA=TINY + " eval_iters=2", USE_WANDB=False)
+    nb = notebook(**parameters)
+    printed = execute(nb, content)
+    results = content / "results"
+    assert f"results go to {results}" in printed
     markdown = (results / "results.md").read_text()
     assert "## Zero-shot" in markdown
-    for run, runs_now in report.RUNS.items():
+    for run, runs_now in report.LABELS.items():
         for row in table_rows(markdown, runs_now):
             assert ("not run yet" in row) == (run != "r16_a64")
     plotted = json.loads((results / "val_loss.json").read_text())
-    assert list(plotted["val_loss.png"]) == list(plotted["val_loss_alpha.png"]) == [report.RUNS["r16_a64"]]
+    assert list(plotted["val_loss.png"]) == list(plotted["val_loss_alpha.png"]) == [report.LABELS["r16_a64"]]
     shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "display_data"]
     assert sum("image/png" in o["data"] for o in shown) == 2 and sum("text/markdown" in o["data"] for o in shown) == 1
+
+    stamps = {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")}
+    again = execute(notebook(**parameters), content)  # Run all once more, as after a disconnect
+    assert "zero-shot: done already" in again and "r16_a64: done already" in again
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")} == stamps
+
+
+def test_colab_setup_cell_clones_once_and_finds_the_clone_after_a_restart(tmp_path):
+    content = tmp_path / "content"
+    content.mkdir()
+    nb = notebook(REPO_URL=str(ROOT))
+    nb.cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", []) or "git" in c.source]
+    nb.cells.append(nbformat.v4.new_code_cell("print('cwd', os.getcwd())"))
+    for _ in range(2):  # a fresh kernel each time starts in the folder the clone was made in
+        assert f"cwd {content / 'lora-gpt2'}" in execute(nb, content)
+    assert (content / "lora-gpt2" / "train.py").is_file()
 
 
 def test_a_run_is_reused_only_with_the_settings_asked_for(hf_gpt2_dir, small_data_dir, tmp_path):
@@ -125,4 +156,4 @@ def test_a_run_is_reused_only_with_the_settings_asked_for(hf_gpt2_dir, small_dat
     assert markdown.startswith(f"# Results: {other}\n")
     saved = json.loads((run_dir / "results.json").read_text())["results"]
     best = next(r for r in saved if r["checkpoint"] == "Best Val Checkpoint")
-    assert table_rows(markdown, report.RUNS["r16_a64"])[0].split("|")[4].strip() == f"{best['accuracy']:.4f}"
+    assert table_rows(markdown, report.LABELS["r16_a64"])[0].split("|")[4].strip() == f"{best['accuracy']:.4f}"

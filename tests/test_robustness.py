@@ -1,6 +1,7 @@
 """Interrupted runs, write failures, unsafe checkpoints and bad input (never lose a run)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -154,7 +155,7 @@ def test_missing_dataset_directory(hf_gpt2_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_train(f"init_from={hf_gpt2_dir}", f"dataset={tmp_path}/nope", f"out_dir={tmp_path / 'o'}")
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == f"train.py: error: dataset directory {tmp_path}/nope does not exist"
+    assert capsys.readouterr().err.strip() == f"train.py: error: dataset='{tmp_path}/nope': no such directory"
     assert not (tmp_path / "o").exists()
 
 
@@ -282,3 +283,41 @@ def test_torn_metrics_line_is_repaired_on_resume(finished_run, hf_gpt2_dir, smal
     lines = (out / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]  # every line parses again
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4, 6]
+
+
+def offline_cli(*args, **env):
+    """A command where the Hugging Face hub is unreachable (its endpoint a closed local port)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    environ.update(HF_ENDPOINT="https://127.0.0.1:9", **env)
+    return subprocess.run([sys.executable, *args, "device=cpu"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=environ)
+
+
+def test_unreachable_hub_or_missing_files_fail_at_once_naming_the_flag(hf_gpt2_dir, data_dir, tmp_path):
+    out = f"out_dir={tmp_path / 'o'}"
+    cases = [
+        (("train.py", "init_from=gpt2-medium", f"dataset={data_dir}", out),
+         "train.py: error: init_from='gpt2-medium': cannot load GPT-2 weights from 'gpt2-medium' (", "; a local copy works too: init_from=DIR"),
+        (("train.py", f"init_from={hf_gpt2_dir}", "dataset=rotten_tomatoes", out),
+         "train.py: error: cannot load dataset 'rotten_tomatoes' from the hub (", "; give a local copy instead: dataset=DIR, "
+         "a directory with train.jsonl, validation.jsonl, test.jsonl"),
+        (("train.py", f"init_from={tmp_path}/no/such/dir", "dataset=rotten_tomatoes", out),  # checked before the data
+         f"train.py: error: init_from='{tmp_path}/no/such/dir': no such directory", ""),
+        (("generate.py", "init_from=gpt2-xl", f"dataset={data_dir}", out),
+         "generate.py: error: init_from='gpt2-xl': cannot load GPT-2 weights from 'gpt2-xl' (", "; a local copy works too: init_from=DIR"),
+    ]
+    for args, start, end in cases:
+        result = offline_cli(*args)
+        assert result.returncode == 2 and result.stderr.startswith(start), result.stderr
+        assert result.stderr.endswith(end + "\n") and result.stderr.count("\n") == 1  # no retries, no traceback
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_tokenizer_files_are_one_line(hf_gpt2_dir, small_data_dir, tmp_path):
+    empty = tmp_path / "tiktoken_cache"
+    empty.mkdir()
+    result = offline_cli("train.py", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'o'}",
+                         TIKTOKEN_CACHE_DIR=str(empty), HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert re.fullmatch(r"train.py: error: cannot get the GPT-2 tokenizer's files \(\w+\); connect to the internet once, "
+                        r"or set TIKTOKEN_CACHE_DIR to a directory that holds them\n", result.stderr), result.stderr

@@ -27,9 +27,16 @@ def test_lora_run_stores_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path
     run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=4",
               "rank=8", "alpha=32", "lr=1e-2")
     assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "trainable parameters: 6,144 of 3,339,072 (0.18%)" in printed
     assert "no wandb key: logging locally" in printed
+    import train
+    config = {line.split(" = ")[0]: line.split(" = ", 1)[1] for line in printed.splitlines() if " = " in line}
+    assert list(config) == list(train.FLAGS)  # the configuration, one name = value a line, as the handout says
+    assert (config["lora_rank"], config["lora_alpha"], config["out_dir"]) == ("8", "32.0", repr(str(out)))
+    assert f"checkpoints: {out / 'ckpt.pt'} (best), {out / 'ckpt_last.pt'} (last)" in printed
+    assert "validation:" in captured.err  # validation shows its progress
     base = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=32.0))
     for name in ("ckpt.pt", "ckpt_last.pt"):
         ckpt = load_checkpoint(out / name)
