@@ -233,15 +233,12 @@ def bench_evaluation(shape, loader, config, device, dtype):
         synchronize(device)
         return time.perf_counter() - start
     validation = SimpleNamespace(eval_batch_size=train.FLAGS["eval_batch_size"][0], eval_iters=0)
-    try:  # the common start of the prompts computed once per batch, and once per review
-        for share, who in ((True, "ours"), (False, "ours, no sharing")):
-            GPT.share_prefix = share
-            rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who=who, seconds=seconds(
-                lambda: generate.predict_labels(ours, records, batch_size=config.eval_batch_size, device=device, dtype=dtype))))
-            rows.append(dict(what=f"validation loss, {len(loader.examples['validation'])} reviews", who=who, seconds=seconds(
-                lambda: train.validation_loss(ours, loader, validation, device=device, dtype=dtype))))
-    finally:
-        GPT.share_prefix = True
+    for share, who in ((True, "ours"), (False, "ours, no sharing")):  # the prompts' common start once per batch, or not
+        rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who=who, seconds=seconds(
+            lambda: generate.predict_labels(ours, records, batch_size=config.eval_batch_size, device=device, dtype=dtype,
+                                            share_prefix=share))))
+        rows.append(dict(what=f"validation loss, {len(loader.examples['validation'])} reviews", who=who, seconds=seconds(
+            lambda: train.validation_loss(ours, loader, validation, device=device, dtype=dtype, share_prefix=share))))
     ours.eval()
 
     def hf_generate(batch):

@@ -2,10 +2,9 @@
 
 A checkpoint holds the trained tensors only: for a LoRA run its A and B matrices plus the identity
 of the base model they apply to (init_from and a fingerprint of its weights); for full fine-tuning
-every weight. Every file of a run carries the run's id. Files are written atomically, one process
-at a time holds a run's directory, and checkpoints load without running pickled code.
+every weight. Every file of a run carries the run's id. Files are written atomically, and
+checkpoints load without running pickled code.
 """
-import contextlib
 import hashlib
 import os
 import pickle
@@ -14,14 +13,9 @@ from dataclasses import asdict
 
 import torch
 
-from configurator import UsageError
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; out_dir is not guarded there
-    fcntl = None
 
 CHECKPOINT_VERSION = 2
 KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
@@ -53,25 +47,6 @@ def atomic_write(path, write):
             raise OSError(f"could not write {path} ({cause.strerror or cause}); the previous file, if any, "
                           "is intact") from None
         raise
-
-
-@contextlib.contextmanager
-def locked(out_dir, program):
-    """Hold out_dir for as long as the block runs: another process that tries is refused, naming
-    the holder. The kernel releases the lock when the process ends, however it ends."""
-    with open(os.path.join(out_dir, ".lock"), "a+", encoding="utf-8") as f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                raise UsageError(f"out_dir={out_dir!r} is in use by {f.read().strip() or 'another process'}; "
-                                 "wait for it to end or choose another out_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{program} (process {os.getpid()})\n")
-        f.flush()
-        yield
 
 
 def trained_state(model):

@@ -18,8 +18,9 @@ import tempfile
 
 import torch
 
-from checkpoint import UMASK, CheckpointError, load_checkpoint, load_model, locked
+from checkpoint import UMASK, CheckpointError, load_checkpoint, load_model
 from configurator import UsageError, check_source, fail, parse_flags, source_error
+from outdir import locked
 
 FLAGS = {
     "out_dir": ("out", "the run to export"),

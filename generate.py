@@ -17,12 +17,13 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model, locked, same_run
+from checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model, same_run
 from configurator import (UsageError, autocast, check_source, device_name, fail, parse_flags, resolve_device,
                           resolve_dtype, source_error)
 from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, check_prompt_room, encode_prompts, get_tokenizer,
                         load_rotten_tomatoes, sample)
 from model import GPT
+from outdir import locked
 
 FLAGS = {
     "init_from": ("resume", "'resume': the checkpoints in out_dir; or gpt2, gpt2-medium, ..., a hub id or a local Hugging Face GPT-2 directory (zero-shot)"),
@@ -89,7 +90,8 @@ def _progress(batches, desc):
 
 @torch.no_grad()
 def predict_labels(model, records, method="generate", *, prompt_template="default", max_new_tokens=5,
-                   temperature=0.0, top_k=0, parse="near_start", batch_size=64, device="cpu", dtype="float32"):
+                   temperature=0.0, top_k=0, parse="near_start", batch_size=64, device="cpu", dtype="float32",
+                   share_prefix=True):
     """One record per review: text, label, continuation and prediction (1, 0 or -1). method=generate
     reads the label off up to max_new_tokens generated tokens (fewer where <|endoftext|> ends them);
     method=logprob compares " positive" with " negative" after the prompt and adds p_positive."""
@@ -103,13 +105,13 @@ def predict_labels(model, records, method="generate", *, prompt_template="defaul
     for batch in _progress(_length_sorted_batches(prompts, batch_size), f"{method} {len(records)} reviews"):
         with autocast(device, dtype):
             if method == "generate":
-                new = model.generate_batch([prompts[i] for i in batch], max_new_tokens, temperature,
-                                           top_k or None, stop_tokens=(enc.eot_token,))
+                new = model.generate_batch([prompts[i] for i in batch], max_new_tokens, temperature, top_k or None,
+                                           stop_tokens=(enc.eot_token,), share_prefix=share_prefix)
                 for i, tokens in zip(batch, new):
                     continuations[i] = enc.decode([t for t in tokens if t != enc.eot_token])
                     predictions[i] = parse_label(continuations[i], parse)
             else:
-                logits = model.last_logits_batch([prompts[i] for i in batch]).float()
+                logits = model.last_logits_batch([prompts[i] for i in batch], share_prefix=share_prefix).float()
                 positive, negative = logits[:, label_ids[1]], logits[:, label_ids[0]]
                 for i, is_positive, p in zip(batch, (positive > negative).tolist(),
                                              torch.sigmoid(positive - negative).tolist()):

@@ -3,6 +3,7 @@
     python report.py                                   # the whole grid on gpt2-medium (GPU advised)
     python report.py runs=r16_a64,full max_iters=20    # a subset, shorter
     python report.py init_from=gpt2 device=cpu max_iters=2 extra="batch_size=8 gradient_accumulation_steps=2"
+    python report.py submission                        # submission.zip: the code to upload, and the notebook
 
 Each run is `python train.py <its flags> out_dir=<results_dir>/<run> resume=auto ...`: a finished
 run (its results.json holds both checkpoints' test accuracy) is skipped and an interrupted one
@@ -11,11 +12,13 @@ report.py unless overwrite=true replaces it. Then it writes results.md (the tabl
 and val_loss_alpha.png (validation loss against iteration) and val_loss.json (the plotted numbers)
 into results_dir.
 """
+import ast
 import json
 import os
 import shlex
 import subprocess
 import sys
+import zipfile
 
 import torch
 
@@ -220,7 +223,41 @@ def write_plots(results_dir, summaries):
     atomic_write(os.path.join(results_dir, "val_loss.json"), lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 
+GRADED = ("lora.py", "model.py", "dataloader.py", "train.py", "generate.py")
+
+
+def submission_files():
+    """The graded files, every file of ours they and report.py import, the notebook and requirements;
+    never a key, a checkpoint or a dataset."""
+    needed, todo = set(), [*GRADED, "report.py"]
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        modules += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        todo += [f"{m}.py" for m in modules if os.path.isfile(os.path.join(HERE, f"{m}.py"))]
+    return sorted(needed) + ["requirements.txt", "run_in_colab.ipynb"]
+
+
+def write_submission(path="submission.zip"):
+    files = submission_files()
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+            for name in files:
+                z.write(os.path.join(HERE, name), name)
+    atomic_write(path, write)
+    print(f"wrote {path}: {' '.join(files)}\nthe graded files are {' '.join(GRADED)}; the other .py files are "
+          "what they import, so upload them too wherever the scripts are run")
+
+
 def main(argv):
+    if argv == ["submission"]:
+        return write_submission()
     config, _ = parse_flags("report.py", FLAGS, argv, __doc__)
     runs = list(RUNS) if config.runs == "all" else [r.strip() for r in config.runs.split(",") if r.strip()]
     unknown = [r for r in runs if r not in RUNS]

@@ -12,26 +12,24 @@ accuracy of both checkpoints (results.json, predictions.json).
 import contextlib
 import math
 import os
-import re
 import sys
-import tempfile
 import time
 import uuid
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from checkpoint import (CheckpointError, base_fingerprint, is_finite, load_checkpoint, load_model, load_trained, locked,
-                        make_checkpoint, same_run, save_checkpoint)
+from checkpoint import (CheckpointError, base_fingerprint, is_finite, load_checkpoint, load_model, load_trained,
+                        make_checkpoint, save_checkpoint)
 from configurator import (UsageError, autocast, check_source, device_name, fail, parse_flags, resolve_device,
                           resolve_dtype, source_error)
 from dataloader import (PROMPT_TEMPLATES, CustomDataLoader, DataError, check_prompt_room, get_tokenizer,
                         load_rotten_tomatoes)
 from lora import mark_only_lora_as_trainable
 from model import GPT, IGNORE_INDEX, GPTConfig, describe_parameters
+from outdir import check_out_dir, holds_run, locked, remove_run_files, remove_stale_temporaries, start_or_resume
 from runlog import RunLog
 
 FLAGS = {
@@ -72,9 +70,6 @@ FLAGS = {
     "wandb_run_name": ("", "wandb run name; default: out_dir's name"),
     "debug": (False, "show full tracebacks"),
 }
-ARCHITECTURE = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block_size")
-RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "resume.pt", "metrics.jsonl", "results.json", "predictions.json",
-             "last_evaluation.json", "last_predictions.json")
 TEST_MAX_NEW_TOKENS = 5  # the test accuracy at the end generates this many tokens per review
 
 
@@ -110,120 +105,24 @@ def check_flags(c):
             raise UsageError(f"{key}={getattr(c, key)!r}: {why}")
 
 
-def check_out_dir(out_dir):
-    """Fail before any work if out_dir cannot hold the run's files."""
-    if not out_dir.strip():
-        raise UsageError("out_dir is empty: name a directory for the run's files")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"out_dir={out_dir!r} is a file, not a directory")
-    existing = os.path.abspath(out_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"out_dir={out_dir!r} cannot be created: {existing} is a file")
-    try:  # permissions, a read-only disk: only trying tells
-        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".probe-"))
-    except OSError as e:
-        raise UsageError(f"out_dir={out_dir!r} cannot be written: {existing}: {e.strerror}") from None
-
-
-def holds_run(out_dir):
-    return any(os.path.exists(os.path.join(out_dir, f)) for f in ("ckpt.pt", "ckpt_last.pt", "resume.pt", "results.json"))
-
-
-def holds_progress(out_dir):
-    """out_dir holds work that starting afresh would destroy: a finished run, test results, or a best
-    checkpoint past iteration 0 (a run killed before its first resume.pt holds nothing a restart loses)."""
-    if any(os.path.exists(os.path.join(out_dir, f)) for f in ("ckpt_last.pt", "results.json")):
-        return True
-    best = os.path.join(out_dir, "ckpt.pt")
-    return os.path.isfile(best) and load_checkpoint(best)["iter_num"] > 0
-
-
-def start_or_resume(config, explicit):
-    """(config, resume state or None): continue out_dir's interrupted run where the flags ask for
-    it; start afresh only where that destroys no earlier run."""
-    out_dir = config.out_dir
-    if config.init_from == "resume" or (config.resume == "auto" and os.path.isfile(os.path.join(out_dir, "resume.pt"))):
-        return resume_config(config, explicit)
-    if config.overwrite:
-        return config, None
-    if config.resume == "auto" and holds_progress(out_dir):
-        raise UsageError(f"out_dir={out_dir!r} holds a run but no resume.pt to continue it from; nothing was "
-                         "changed: replace the run with overwrite=true, or choose another out_dir")
-    if config.resume == "off" and holds_run(out_dir):
-        raise UsageError(f"out_dir={out_dir!r} holds an earlier run; continue it with resume=auto, "
-                         "replace it with overwrite=true, or choose another out_dir")
-    return config, None
-
-
-def resume_config(config, explicit):
-    """The interrupted run's config, with the flags given now on top; architecture must match."""
-    path = os.path.join(config.out_dir, "resume.pt")
-    if not os.path.isfile(path):
-        raise UsageError(f"init_from=resume: no {path} to resume from; "
-                         f"start the run with: python train.py out_dir={config.out_dir}")
-    state = load_checkpoint(path)
-    if "weights_in" in state:  # a finished run keeps its last weights in ckpt_last.pt only
-        last_path = os.path.join(config.out_dir, state["weights_in"])
-        last = load_checkpoint(last_path)
-        same_run({path: state, last_path: last})
-        if last["iter_num"] != state["iter_num"]:
-            raise CheckpointError(f"{path} is at iteration {state['iter_num']} but {state['weights_in']} "
-                                  f"at {last['iter_num']}; they are not of the same moment")
-        state["model"] = last["model"]
-    saved = state["config"]
-    for key in ARCHITECTURE:
-        if key in explicit and getattr(config, key) != saved[key]:
-            raise UsageError(f"{key}={getattr(config, key)!r} differs from the checkpoint's {key}={saved[key]!r} "
-                             f"in {path}; drop the flag or use a new out_dir")
-    merged = SimpleNamespace(**dict(saved, **{k: getattr(config, k) for k in explicit if k != "init_from"}))
-    if "init_from" in explicit and config.init_from not in ("resume", saved["init_from"]):
-        if state["base"] is None:
-            raise UsageError(f"init_from={config.init_from!r} differs from the resumed run's "
-                             f"init_from={saved['init_from']!r}, and that run trains every weight, so it continues "
-                             "from its own; drop the flag or use a new out_dir")
-        merged.init_from = config.init_from  # the same base weights found elsewhere (checked on load)
-    return merged, state
-
-
-def remove_run_files(out_dir):
-    """A new run starts in an out_dir without the files of an earlier one, so no two runs mix."""
-    for name in RUN_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, name))
-
-
-def remove_stale_temporaries(out_dir):
-    """Temporary files left by a run that was killed while writing."""
-    for name in os.listdir(out_dir):
-        if re.fullmatch(r"\.(ckpt\.pt|ckpt_last\.pt|resume\.pt|metrics\.jsonl|results\.json|predictions\.json)\..+\.tmp", name):
-            os.remove(os.path.join(out_dir, name))
-
-
 # -----------------------------------------------------------------------------
 # the pieces of a run
 
 def build_model(config, state):
-    """(model, base): the model to train, pretrained (+ LoRA), scratch, or the resumed run's, and
-    the identity of the frozen weights its checkpoints apply to (None when every weight trains)."""
+    """The model to train: pretrained GPT-2 with LoRA layers (lora_rank > 0), a small random one
+    (scratch: every weight trains; LoRA on random weights makes no sense), or the resumed run's."""
     try:
         if state is not None:
-            model = load_model(state, base=config.init_from)
-            return model, state["base"] and dict(state["base"], init_from=config.init_from)
-        if config.init_from == "scratch":  # every weight trains; LoRA on random weights makes no sense
+            return load_model(state, base=config.init_from)
+        if config.init_from == "scratch":
             return GPT(GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
-                                 n_embd=config.n_embd, dropout=config.dropout)), None
-        model = GPT.from_pretrained(config.init_from, dict(dropout=config.dropout, lora_rank=config.lora_rank,
-                                                           lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
+                                 n_embd=config.n_embd, dropout=config.dropout))
+        return GPT.from_pretrained(config.init_from, dict(dropout=config.dropout, lora_rank=config.lora_rank,
+                                                          lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
     except CheckpointError:
         raise
     except ValueError as e:
         raise source_error("init_from", config.init_from, e) from None
-    if config.lora_rank == 0:
-        return model, None
-    mark_only_lora_as_trainable(model)  # the LoRA step: only A and B train, and checkpoints hold just those
-    return model, dict(init_from=config.init_from, fingerprint=base_fingerprint(model))
 
 
 def make_optimizer(model, config, device, state):
@@ -261,7 +160,7 @@ def setup_distributed(device):
 
 
 @torch.no_grad()
-def validation_loss(model, loader, config, *, device, dtype, progress=False):
+def validation_loss(model, loader, config, *, device, dtype, progress=False, share_prefix=True):
     """Mean loss per target token over the validation split (eval mode: LoRA merged)."""
     model.eval()
     total, count = torch.zeros((), device=device), 0
@@ -269,7 +168,7 @@ def validation_loss(model, loader, config, *, device, dtype, progress=False):
     for x, y in tqdm(batches, desc="validation", unit="batch", total=loader.num_batches(
             "validation", config.eval_batch_size, config.eval_iters), leave=False, disable=not progress, file=sys.stderr):
         with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device), reduction="sum")
+            _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=share_prefix)
         total += loss.float()
         count += int((y != IGNORE_INDEX).sum())
     model.train()
@@ -359,8 +258,13 @@ def run(config, state, hold):
         raise UsageError(f"batch_size x gradient_accumulation_steps = {step_examples} is not divisible by {world} processes")
     torch.manual_seed(config.seed + rank)
 
-    # the model: GPT-2 with LoRA on q, k, v (only A and B train), or every weight trained
-    raw_model, base = build_model(config, state)
+    # the model: GPT-2 with LoRA on q, k, v, where only A and B train, or every weight trained
+    raw_model = build_model(config, state)
+    base = None  # what a LoRA checkpoint applies to: where the frozen weights come from, and their fingerprint
+    if raw_model.config.lora_rank > 0:
+        mark_only_lora_as_trainable(raw_model)
+        base = dict(init_from=config.init_from,
+                    fingerprint=state["base"]["fingerprint"] if state else base_fingerprint(raw_model))
     raw_model.to(device)
     if config.eval_test:  # the test prompts at the end must fit beside the answer's tokens
         check_prompt_room(config.prompt_template, raw_model.config.block_size, TEST_MAX_NEW_TOKENS)

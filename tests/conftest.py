@@ -1,4 +1,5 @@
-"""Shared fixtures: small random GPT-2 checkpoints in Hugging Face format, and the real data."""
+"""Shared fixtures: small random GPT-2 checkpoints in Hugging Face format, the real data, and tiny runs."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -53,3 +54,61 @@ def run_train(*flags):
     import train
     train.main(["device=cpu", "eval_test=false", "batch_size=8", "gradient_accumulation_steps=2",
                 "eval_interval=2", "eval_batch_size=32", *map(str, flags)])
+
+
+# a killed run, and the uninterrupted run it must equal once resumed
+KILLER = r"""
+import os, signal, sys
+import checkpoint, train
+target, nth = sys.argv[1], int(sys.argv[2])
+calls = [0]
+def wrap(original):
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth:
+            if target == "atomic_write":  # die with the temporary file half written
+                path, write = args
+                def half(f):
+                    write(f)
+                    f.flush()
+                    f.truncate(f.tell() // 2)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return original(path, half)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    return wrapped
+if target == "atomic_write":
+    checkpoint.atomic_write = wrap(checkpoint.atomic_write)
+else:
+    train.validation_loss = wrap(train.validation_loss)
+train.main(sys.argv[3:])
+"""
+
+
+def tiny_run_flags(hf_dir, data_dir, out_dir):
+    return [f"init_from={hf_dir}", f"dataset={data_dir}", f"out_dir={out_dir}", "max_iters=4", "eval_interval=2",
+            "rank=8", "alpha=32", "lr=1e-2", "lora_dropout=0.1", "dropout=0.1", "batch_size=8",
+            "gradient_accumulation_steps=1", "eval_batch_size=32", "eval_test=false", "device=cpu", "resume=auto"]
+
+
+def losses(out_dir):
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("iter", "train_loss", "val_loss") if k in r} for r in rows]
+
+
+@pytest.fixture(scope="session")
+def straight_run(hf_gpt2_dir, small_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1])
+    return out
+
+
+def files(out_dir):
+    return {p.name: p.read_bytes() for p in out_dir.iterdir()}
+
+
+@pytest.fixture
+def finished_run(hf_gpt2_dir, small_data_dir, tmp_path):
+    out = tmp_path / "run"
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1])
+    return out, files(out)

@@ -36,7 +36,7 @@ def full_run(hf_gpt2_dir, small_data_dir, tmp_path_factory):
 @torch.no_grad()
 def our_logits(path):
     model = load_model(load_checkpoint(path)).eval()
-    return model.lm_head(model.hidden_states(IDX)), model
+    return model(IDX)[0], model
 
 
 @torch.no_grad()

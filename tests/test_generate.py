@@ -227,7 +227,7 @@ class Scripted:
     def eval(self):
         return self
 
-    def generate_batch(self, prompts, max_new_tokens, temperature, top_k, stop_tokens):
+    def generate_batch(self, prompts, max_new_tokens, temperature, top_k, stop_tokens, share_prefix):
         self.asked.append((max_new_tokens, stop_tokens))
         answer = self.answer[:max_new_tokens]
         cut = next((i + 1 for i, t in enumerate(answer) if t in stop_tokens), len(answer))

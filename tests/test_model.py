@@ -23,11 +23,10 @@ def test_logits_match_hugging_face(hf_gpt2_dir, rank):
     assert len(lora_layers(model)) == (6 if rank else 0)
     idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = model.lm_head(model.hidden_states(idx))
+        ours, none = model(idx)
         theirs = hf(idx).logits
-        last, _ = model(idx)
+    assert none is None and ours.shape == (3, 40, 50257)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-    torch.testing.assert_close(last, theirs[:, [-1]], rtol=0, atol=1e-5)
 
 
 def test_greedy_generation_matches_hugging_face(hf_gpt2_dir):
@@ -46,7 +45,7 @@ def test_other_size_loads_its_own_config(tmp_path):
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (3, 4, 96, 128, 50257)
     idx = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(model.lm_head(model.hidden_states(idx)), hf(idx).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-5)
 
 
 def test_loading_skips_the_random_init_and_seeds_the_lora_init(hf_gpt2_dir, monkeypatch):
@@ -92,18 +91,20 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
     monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
     model.eval()
     with torch.no_grad():
-        logits, loss = model(idx, targets)
-        reference = model.lm_head(model.hidden_states(idx)[targets != -100])
-    assert expanded == [4]
+        logits, _ = model(idx)
+        none, loss = model(idx, targets, reduction="sum")
+        reference, _ = model(idx, share_prefix=False)
+        _, unshared_loss = model(idx, targets, reduction="sum", share_prefix=False)
+    assert expanded == [4, 4]  # computed once per batch, with and without targets
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(reference, targets[targets != -100]))
+    keep = targets != -100
+    assert none is None
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep], reduction="sum"))
+    torch.testing.assert_close(unshared_loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep],
+                                                                                 reduction="sum"), rtol=0, atol=0)
     model.train()  # training never shares: dropout must differ between rows
     model(idx, targets)
-    monkeypatch.setattr(GPT, "share_prefix", False)  # the switch bench.py compares with
-    with torch.no_grad():
-        unshared, _ = model.eval()(idx, targets)
-    assert expanded == [4]
-    torch.testing.assert_close(unshared, reference, rtol=0, atol=0)
+    assert expanded == [4, 4]
 
 
 def test_lora_model_with_trained_B_merges_and_demerges(hf_gpt2_dir):
@@ -111,16 +112,16 @@ def test_lora_model_with_trained_B_merges_and_demerges(hf_gpt2_dir):
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     idx = torch.randint(0, 50257, (2, 10))
     with torch.no_grad():
-        before = model.lm_head(model.hidden_states(idx))
+        before, _ = model(idx)
     for layer in lora_layers(model):
         torch.nn.init.normal_(layer.lora_B, std=0.02)
     model.train()
     with torch.no_grad():
-        unmerged = model.lm_head(model.hidden_states(idx))
+        unmerged, _ = model(idx)
     model.eval()
     assert all(layer.has_weights_merged for layer in lora_layers(model))
     with torch.no_grad():
-        merged = model.lm_head(model.hidden_states(idx))
+        merged, _ = model(idx)
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-4)
     assert (merged - before).abs().max() > 1e-3  # the update really changes the output
     model.train()
@@ -156,10 +157,10 @@ def test_loss_ignores_masked_targets():
     idx = torch.randint(0, 50, (2, 8))
     targets = torch.randint(0, 50, (2, 8))
     targets[:, :5] = -100
-    logits, loss = model(idx, targets)
-    full = model.lm_head(model.hidden_states(idx))
+    none, loss = model(idx, targets)
+    full, _ = model(idx)
     expected = torch.nn.functional.cross_entropy(full.view(-1, 50), targets.view(-1), ignore_index=-100)
-    assert logits.shape == (6, 50)
+    assert none is None and full.shape == (2, 8, 50)
     torch.testing.assert_close(loss, expected)
 
 

@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import matplotlib.image
 import nbformat
@@ -10,9 +11,8 @@ from nbclient import NotebookClient
 
 import report
 from checkpoint import load_checkpoint
-from conftest import ROOT, save_random_hf_gpt2
+from conftest import KILLER, ROOT, save_random_hf_gpt2
 from runlog import read_metrics
-from test_robustness import KILLER
 
 TINY = "batch_size=8 gradient_accumulation_steps=2 eval_interval=1"
 
@@ -157,3 +157,21 @@ def test_a_run_is_reused_only_with_the_settings_asked_for(hf_gpt2_dir, small_dat
     saved = json.loads((run_dir / "results.json").read_text())["results"]
     best = next(r for r in saved if r["checkpoint"] == "Best Val Checkpoint")
     assert table_rows(markdown, report.LABELS["r16_a64"])[0].split("|")[4].strip() == f"{best['accuracy']:.4f}"
+
+
+def test_submission_zip_holds_every_file_the_scripts_need_and_no_key(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "report.py"), "submission"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "submission.zip") as z:
+        names = z.namelist()
+        z.extractall(tmp_path / "unzipped")
+    assert sorted(names) == sorted(report.GRADED + ("checkpoint.py", "configurator.py", "outdir.py", "runlog.py",
+                                                     "report.py", "requirements.txt", "run_in_colab.ipynb"))
+    for name in names:  # flat, as the course's upload wants, and the files as they are here
+        assert (tmp_path / "unzipped" / name).read_bytes() == (ROOT / name).read_bytes()
+    # nothing else is needed: the scripts import and show their help from the unzipped files alone
+    for script in ("train.py", "generate.py", "report.py"):
+        shown = subprocess.run([sys.executable, script, "-h"], cwd=tmp_path / "unzipped", capture_output=True, text=True,
+                               timeout=120)
+        assert shown.returncode == 0 and shown.stdout.startswith(f"usage: python {script}"), shown.stderr

@@ -13,9 +13,9 @@ import torch
 import export
 import generate
 import train
-from checkpoint import UMASK, atomic_write, load_checkpoint, locked
-from conftest import ROOT, run_train, save_random_hf_gpt2
-from test_robustness import KILLER, files, finished_run, losses, straight_run, tiny_run_flags  # noqa: F401
+from checkpoint import UMASK, atomic_write, load_checkpoint
+from conftest import KILLER, ROOT, files, losses, run_train, save_random_hf_gpt2, tiny_run_flags
+from outdir import locked
 
 
 def fails_with(capsys, code, message, call, *args):
