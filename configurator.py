@@ -2,10 +2,9 @@
 
     python train.py [config_file.py] [key=value | --key=value | --key value ...]
 
-Each flag's type is its default's type (a list default makes a flag that may repeat); `-` and `_` in
-names are interchangeable; `rank`,
-`alpha` and `lr` stand for lora_rank, lora_alpha and learning_rate. A mistake exits with status 2
-and one line that names the flag.
+Each flag's type is its default's type (a list default makes a flag that may repeat); `-` and
+`_` in names are interchangeable; `rank`, `alpha` and `lr` stand for lora_rank, lora_alpha and
+learning_rate. A mistake exits with status 2 and one line that names the flag.
 """
 import contextlib
 import difflib
