@@ -69,21 +69,22 @@ def read_results(out_dir):
         return json.load(f)
 
 
-def is_finished(out_dir):
-    """Both checkpoints of the run in out_dir have a complete test accuracy in its results.json."""
-    results, last = read_results(out_dir), os.path.join(out_dir, "ckpt_last.pt")
-    if not results or not os.path.isfile(last) or results["run_id"] != load_checkpoint(last)["run_id"]:
+def run_state(out_dir):
+    """The run in out_dir (its id, config, model_args, iteration), or None. A finished run's
+    resume.pt holds no weights, so it is read first: the cheapest to load."""
+    for name in ("resume.pt", "ckpt_last.pt", "ckpt.pt"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            return load_checkpoint(os.path.join(out_dir, name))
+    return None
+
+
+def is_finished(out_dir, state):
+    """The run has ended, and both its checkpoints have a complete test accuracy in results.json."""
+    results = read_results(out_dir)
+    if not results or not os.path.isfile(os.path.join(out_dir, "ckpt_last.pt")) or results["run_id"] != state["run_id"]:
         return False
     names = {r["checkpoint"] for r in results["results"] if (r["method"], r["parse"]) == ("generate", "near_start")}
     return {"Best Val Checkpoint", "Last Iter Checkpoint"} <= names
-
-
-def saved_config(out_dir):
-    """The settings of the run in out_dir (finished or interrupted), or None."""
-    for name in ("resume.pt", "ckpt_last.pt", "ckpt.pt"):
-        if os.path.isfile(os.path.join(out_dir, name)):
-            return load_checkpoint(os.path.join(out_dir, name))["config"]
-    return None
 
 
 def first_difference(saved, train_argv):
@@ -120,12 +121,6 @@ def train_argv(config, run):
     return argv + ([f"max_iters={config.max_iters}"] if config.max_iters else [])
 
 
-def matches(config, run):
-    """The run in results_dir was made with the settings asked for now (or there is none)."""
-    saved = saved_config(os.path.join(config.results_dir, run))
-    return saved is None or first_difference(saved, train_argv(config, run)) is None
-
-
 def run_grid(config, runs):
     if config.zero_shot:
         out_dir = os.path.join(config.results_dir, "zero_shot")
@@ -137,22 +132,21 @@ def run_grid(config, runs):
     for run in runs:
         out_dir = os.path.join(config.results_dir, run)
         argv = train_argv(config, run)
-        saved = saved_config(out_dir)
-        difference = first_difference(saved, argv) if saved else None
+        state = run_state(out_dir)
+        difference = first_difference(state["config"], argv) if state else None
         if difference and not config.overwrite:
             fail("report.py", f"{out_dir} holds a run with other settings ({difference[0]}={difference[1]!r} there, "
                               f"{difference[2]!r} asked for now); replace it with overwrite=true, or choose another results_dir")
         if difference:
             argv[argv.index("resume=auto")] = "overwrite=true"
-        elif is_finished(out_dir):
+        elif state and is_finished(out_dir, state):
             print(f"{run}: done already ({out_dir})")
             continue
         run_command([sys.executable, os.path.join(HERE, "train.py"), *argv])
 
 
-def run_summary(out_dir):
+def run_summary(out_dir, checkpoint):
     """The numbers of one finished run for the tables."""
-    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt_last.pt"))
     with torch.device("meta"):  # counts parameters without building weights
         model = GPT(GPTConfig(**checkpoint["model_args"]))
     if model.config.lora_rank > 0:
@@ -265,8 +259,12 @@ def main(argv):
         fail("report.py", f"runs={config.runs!r}: expected all or a comma-separated list of {', '.join(RUNS)}")
     try:
         run_grid(config, runs)
-        summaries = {run: run_summary(os.path.join(config.results_dir, run)) for run in RUNS
-                     if is_finished(os.path.join(config.results_dir, run)) and matches(config, run)}
+        summaries = {}
+        for run in RUNS:  # the finished runs made with the settings asked for now
+            out_dir = os.path.join(config.results_dir, run)
+            state = run_state(out_dir)
+            if state and is_finished(out_dir, state) and not first_difference(state["config"], train_argv(config, run)):
+                summaries[run] = run_summary(out_dir, state)
     except CheckpointError as e:
         fail("report.py", str(e))
     path = write_markdown(config, summaries)

@@ -179,7 +179,7 @@ def test_one_checkpoint_or_method_replaces_only_its_own_rows(evaluated_run):
     assert rows[1] == last_row
     predictions = json.loads((out / "predictions.json").read_text())
     assert [(p["checkpoint"], p["method"]) for p in predictions] == [(r["checkpoint"], r["method"]) for r in rows]
-    assert report.is_finished(str(out))
+    assert report.is_finished(str(out), report.run_state(str(out)))
 
 
 def test_temporary_files_are_new_and_unpredictable(tmp_path, monkeypatch):
