@@ -18,12 +18,11 @@ import torch
 
 import generate
 import train
-from checkpoint import base_fingerprint, make_checkpoint, save_checkpoint
-from configurator import autocast, device_name, parse_flags, resolve_device, resolve_dtype
+import runs
+from configurator import autocast, device_and_dtype, parse_flags
 from dataloader import SPLITS, CustomDataLoader
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig
-from runlog import read_metrics
 
 FLAGS = {
     "smoke": (False, "a tiny model, a few steps and reviews: checks that the benchmark runs (CPU, seconds)"),
@@ -153,7 +152,7 @@ def bench_training(shape, loader, config, device, dtype, name):
 def bench_train_step(shape, loader, config, device, dtype):
     """train.py's own step (length-grouped micro-batches, clipping, AdamW) for LoRA r=128 with the
     step's reviews split into micro-batches of several sizes: the same update at different speeds."""
-    settings = dict({k: default for k, (default, _) in train.FLAGS.items()}, lora_rank=128, lora_alpha=512.0)
+    settings = dict({k: default for k, (default, *_) in train.FLAGS.items()}, lora_rank=128, lora_alpha=512.0)
     per_step = 8 if config.smoke else settings["batch_size"] * settings["gradient_accumulation_steps"]
     torch.manual_seed(0)
     model = GPT(GPTConfig(lora_rank=128, lora_alpha=512.0, lora_dropout=0.05, **shape))
@@ -165,7 +164,7 @@ def bench_train_step(shape, loader, config, device, dtype):
     for size in (per_step // 4, per_step // 2, per_step):
         c = SimpleNamespace(**dict(settings, batch_size=size, gradient_accumulation_steps=per_step // size))
         what = f"train.py step of {per_step} reviews as {per_step // size} x {size}"
-        optimizer = train.make_optimizer(model, c, device, None)
+        optimizer = train.make_optimizer(model, c, device)
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
         try:
             for i in range(warmup + steps):
@@ -265,7 +264,7 @@ def bench_evaluation(shape, loader, config, device, dtype):
 
 
 def bench_checkpoint_writes(shape, repeats=2):
-    """What an improving evaluation writes for LoRA r=128 (ckpt.pt, then resume.pt), against the
+    """What an improving evaluation writes for LoRA r=128 (ckpt.pt, then ckpt_last.pt), against the
     layout that stored the whole model with its optimizer in ckpt.pt: seconds and megabytes, to disk."""
     torch.manual_seed(0)
     model = mark_only_lora_as_trainable(GPT(GPTConfig(lora_rank=128, lora_alpha=512.0, **shape)))
@@ -274,10 +273,10 @@ def bench_checkpoint_writes(shape, repeats=2):
     for p in trained:
         p.grad = torch.randn_like(p)
     optimizer.step()  # AdamW state exists, as at any evaluation after the first
-    base = dict(init_from="bench", fingerprint=base_fingerprint(model))
+    best = dict(model=runs.trained_state(model), base=dict(init_from="bench", fingerprint=runs.base_fingerprint(model)))
     resume = dict(optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
     layouts = {
-        "adapters": lambda: [make_checkpoint(model, base), make_checkpoint(model, base, **resume)],
+        "adapters": lambda: [best, dict(best, **resume)],
         "whole model (the layout before)": lambda: [
             dict(model=model.state_dict(), **resume),
             dict(model={n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, **resume)]}
@@ -286,10 +285,10 @@ def bench_checkpoint_writes(shape, repeats=2):
         for who, files in layouts.items():
             start = time.perf_counter()
             for _ in range(repeats):
-                for name, checkpoint in zip(("ckpt.pt", "resume.pt"), files()):
-                    save_checkpoint(os.path.join(tmp, name), checkpoint)
+                for name, checkpoint in zip(("ckpt.pt", "ckpt_last.pt"), files()):
+                    runs.save_checkpoint(os.path.join(tmp, name), checkpoint)
             seconds = (time.perf_counter() - start) / repeats
-            megabytes = sum(os.path.getsize(os.path.join(tmp, n)) for n in ("ckpt.pt", "resume.pt")) / 1e6
+            megabytes = sum(os.path.getsize(os.path.join(tmp, n)) for n in ("ckpt.pt", "ckpt_last.pt")) / 1e6
             rows.append(dict(what="checkpoint writes of an improving evaluation, LoRA r=128", who=who,
                              seconds=seconds, megabytes=megabytes))
     return rows
@@ -308,7 +307,7 @@ def bench_end_to_end(shape, dataset, config, device):
         start = time.perf_counter()
         train.main(flags)
         seconds = time.perf_counter() - start
-        metrics = read_metrics(os.path.join(tmp, "run", "metrics.jsonl"))
+        metrics = runs.read_metrics(os.path.join(tmp, "run", "metrics.jsonl"))
     # where the time went: the training loop (steps, validation, the rest: checkpoint writes and
     # logging), and outside it (imports aside: building the model, the last checkpoints, test accuracy)
     steps = sum(r.get("step_time", 0.0) for r in metrics)
@@ -366,9 +365,8 @@ def main(argv):
     config, _ = parse_flags("bench.py", FLAGS, argv, __doc__)
     if config.smoke:
         vars(config).update(batch_size=8, steps=2, eval_batch_size=16, one_at_a_time=2)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    name = device_name(device)
+    device, dtype = device_and_dtype(config.device, config.dtype)
+    name = runs.device_name(device)
     shape = TINY if config.smoke else MEDIUM
     dataset = review_data(config.dataset)
     loader = CustomDataLoader(dataset)

@@ -9,13 +9,17 @@ learning_rate. A mistake exits with status 2 and one line that names the flag.
 import contextlib
 import difflib
 import os
-import socket
 import sys
-import urllib.parse
 from types import SimpleNamespace
 
 ALIASES = {"rank": "lora_rank", "alpha": "lora_alpha", "lr": "learning_rate"}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+RANGES = {  # a flag's optional third entry: one of these, or a tuple of the values allowed
+    "> 0": (lambda v: v > 0, "must be positive"),
+    ">= 0": (lambda v: v >= 0, "must be >= 0"),
+    "[0, 1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "[0, 2**32)": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),
+}
 
 
 class UsageError(Exception):
@@ -94,47 +98,77 @@ def _read_config_file(path, flags):
     return values
 
 
+def _next_flag(args, flags):
+    """(key, text) of the flag at the front of args, which it consumes; None for a config file."""
+    arg = args.pop(0)
+    if arg.startswith("--"):
+        name, has_value, text = arg[2:].partition("=")
+        key = _canonical(name, flags)
+        if not has_value:
+            if isinstance(flags[key][0], bool):  # a bare --flag means true; a following true/false is its value
+                text = args.pop(0) if args and args[0].strip().lower() in TRUE + FALSE else "true"
+            elif args and not _looks_like_flag(args[0], flags):
+                text = args.pop(0)
+            else:
+                raise UsageError(f"--{name} needs a value")
+        return key, text
+    if "=" in arg and not arg.startswith("-"):
+        name, _, text = arg.partition("=")
+        return _canonical(name, flags), text
+    if arg.startswith("-"):
+        raise UsageError(f"unknown option {arg!r} (flags are key=value or --key=value; -h lists them)")
+    args.insert(0, arg)
+    return None
+
+
 def _parse(flags, argv):
-    config, explicit = {key: default for key, (default, _) in flags.items()}, set()
-
-    def assign(key, value):
-        repeated = isinstance(flags[key][0], list) and not isinstance(value, list)
-        config[key] = config[key] + [value] if repeated else value
-        explicit.add(key)
-
+    """({flag: value}, flags set explicitly): defaults, then config files, then flags in order."""
+    config, explicit, given = {key: spec[0] for key, spec in flags.items()}, set(), set()
     args = list(argv)
     while args:
-        arg = args.pop(0)
-        if arg.startswith("--"):
-            name, has_value, text = arg[2:].partition("=")
-            key = _canonical(name, flags)
-            if not has_value:
-                if isinstance(flags[key][0], bool):
-                    # a bare --flag means true; a following true/false is its value
-                    has_bool = bool(args) and args[0].strip().lower() in TRUE + FALSE
-                    text = args.pop(0) if has_bool else "true"
-                elif args and not _looks_like_flag(args[0], flags):
-                    text = args.pop(0)
-                else:
-                    raise UsageError(f"--{name} needs a value")
-            assign(key, _convert(key, text, flags[key][0]))
-        elif "=" in arg and not arg.startswith("-"):
-            name, _, text = arg.partition("=")
-            key = _canonical(name, flags)
-            assign(key, _convert(key, text, flags[key][0]))
-        elif arg.startswith("-"):
-            raise UsageError(f"unknown option {arg!r} (flags are key=value or --key=value; -h lists them)")
-        else:
-            for key, value in _read_config_file(arg, flags).items():
-                assign(key, value)
+        flag = _next_flag(args, flags)
+        if flag is None:
+            values = _read_config_file(args.pop(0), flags)
+            config.update(values)
+            explicit.update(values)
+            continue
+        key, text = flag
+        value = _convert(key, text, flags[key][0])
+        if isinstance(flags[key][0], list):  # a list flag collects each time it is given
+            value = config[key] + [value] if key in given else [value]
+        elif key in given:
+            raise UsageError(f"{key} is given twice ({config[key]!r} and {value!r}); give it once")
+        config[key] = value
+        given.add(key)
+        explicit.add(key)
+    for key, spec in flags.items():
+        _check_range(key, config[key], spec[2] if len(spec) > 2 else None)
     return config, explicit
 
 
+def _check_range(key, value, rule):
+    if rule is None:
+        return
+    if isinstance(rule, tuple):
+        if value not in rule:
+            allowed = " or ".join(rule) if len(rule) == 2 else "one of " + _listed(rule)
+            raise UsageError(f"{key}={value!r}: must be {allowed}")
+    elif not RANGES[rule][0](value):
+        raise UsageError(f"{key}={value!r}: {RANGES[rule][1]}")
+
+
+def _listed(values):
+    return ", ".join(v or "''" for v in values)
+
+
 def help_text(prog, flags, summary):
-    width = max(len(f"{k}={d!r}") for k, (d, _) in flags.items())
+    width = max(len(f"{k}={spec[0]!r}") for k, spec in flags.items())
     lines = [f"usage: python {prog} [config_file.py] [key=value ...]", "", summary.strip(), "",
              "flags (also --key=value or --key value; '-' and '_' are interchangeable):"]
-    lines += [f"  {f'{k}={d!r}':<{width}}  {h}" for k, (d, h) in flags.items()]
+    for k, (default, text, *allowed) in flags.items():
+        if allowed:
+            text += f" ({allowed[0] if isinstance(allowed[0], str) else _listed(allowed[0])})"
+        lines.append(f"  {f'{k}={default!r}':<{width}}  {text}")
     aliases = [f"{a} = {k}" for a, k in ALIASES.items() if k in flags]
     if aliases:
         lines += ["", "aliases: " + ", ".join(aliases)]
@@ -142,7 +176,8 @@ def help_text(prog, flags, summary):
 
 
 def parse_flags(prog, flags, argv, summary=""):
-    """flags: {name: (default, help)}. Returns (config, names set explicitly), config with one
+    """flags: {name: (default, help)} or {name: (default, help, allowed)}, allowed a key of RANGES or a
+    tuple of values. Returns (config, names set explicitly), config with one
     attribute per flag (vars(config) is the dict); exits on -h or on a mistake."""
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(prog, flags, summary))
@@ -154,44 +189,17 @@ def parse_flags(prog, flags, argv, summary=""):
     return SimpleNamespace(**values), explicit
 
 
-def check_source(flag, name):
-    """Before anything is loaded: a directory named by flag must exist; for a Hugging Face hub name,
-    where the hub cannot be reached, the Hugging Face libraries are told to use their local cache at
-    once instead of retrying for a minute (call it before they are imported)."""
-    from model import is_local_path
-    if is_local_path(name):
-        if not os.path.isdir(name):
-            raise UsageError(f"{flag}={name!r}: no such directory")
-    elif not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+def is_local_path(name):
+    """name means a directory here, not a Hugging Face hub id such as gpt2 or org/name."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0]))
 
 
-def source_error(flag, name, error):
-    """The one line for weights that cannot be loaded: what went wrong, and the flag that fixes it."""
-    from model import GPT2_SIZES
-    close = difflib.get_close_matches(name, GPT2_SIZES, n=1, cutoff=0.8)
-    hint = f"did you mean {flag}={close[0]}?" if close and close[0] != name else f"a local copy works too: {flag}=DIR"
-    return UsageError(f"{flag}={name!r}: {error}; {hint}")
-
-
-def hub_reachable():
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE:
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # only the proxy knows; the libraries find out themselves
-    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
-def resolve_device(device):
-    """'auto' picks CUDA when present; asking for a device this machine lacks is a UsageError."""
+def device_and_dtype(device, dtype):
+    """The device and precision to run on. device auto: CUDA where present, else the CPU. dtype auto:
+    bfloat16 on CUDA cards that support it, float16 on older ones (a T4), float32 elsewhere."""
     import torch
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -200,32 +208,33 @@ def resolve_device(device):
         raise UsageError(f"device={device!r}: CUDA is not available on this machine (use device=cpu)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"device={device!r}: MPS is not available on this machine (use device=cpu)")
-    return device
-
-
-def resolve_dtype(dtype, device):
-    """'auto': bfloat16 on CUDA cards that support it, float16 on older ones (T4), float32 elsewhere."""
-    import torch
-    on_cuda = device.startswith("cuda")
     if dtype == "auto":
-        if not on_cuda:
-            return "float32"
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"dtype={dtype!r}: expected auto, float32, bfloat16 or float16")
-    if dtype == "float16" and not on_cuda:
+        dtype = "float32" if kind != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype == "float16" and kind != "cuda":
         raise UsageError("dtype='float16' needs CUDA; on this device use float32 or bfloat16")
-    if dtype == "bfloat16" and on_cuda and not torch.cuda.is_bf16_supported():
+    if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("dtype='bfloat16': this GPU does not support it (use float16 or auto)")
-    return dtype
+    return device, dtype
 
 
-def device_name(device):
-    """What the device is, for reports: the GPU's model name, or the device type."""
+def distributed(device):
+    """(rank, world size, device): torchrun's, where its WORLD_SIZE says there are several processes;
+    (0, 1, device) for a process of its own."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UsageError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} and LOCAL_RANK="
+                         f"{os.environ.get('LOCAL_RANK')!r}: expected whole numbers, as torchrun sets them") from None
+    if world <= 1:
+        return 0, 1, device
     import torch
+    import torch.distributed as dist
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return device
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def autocast(device, dtype):

@@ -10,8 +10,6 @@ from functools import lru_cache
 
 import torch
 
-from model import IGNORE_INDEX, is_local_path
-
 PROMPT_TEMPLATES = {
     "default": ("Instruction: Classify the sentiment of the movie review as positive or negative.\n"
                 "Text: {text}\nLabel:"),
@@ -19,6 +17,7 @@ PROMPT_TEMPLATES = {
 }
 LABEL_WORDS = {1: " positive", 0: " negative"}  # the leading space: GPT-2 sees "Label:" then " positive"
 SPLITS = ("train", "validation", "test")
+IGNORE_INDEX = -100  # a target with this value adds nothing to the loss (cross_entropy's default)
 HUB_NAMES = {"rotten_tomatoes": "cornell-movie-review-data/rotten_tomatoes"}
 
 
@@ -56,6 +55,12 @@ def sample(items, n, seed=0):
         return list(items)
     keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return [items[i] for i in keep.tolist()]
+
+
+def by_length(items, batch_size, length=len):
+    """items in batches of similar length, so that little padding is computed."""
+    ordered = sorted(items, key=length)
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 def encode_prompts(texts, template="default", max_tokens=None):
@@ -128,8 +133,6 @@ def load_rotten_tomatoes(dataset="rotten_tomatoes"):
     or from the Hugging Face hub through `datasets`."""
     if os.path.isdir(dataset):
         return {s: _read_jsonl(os.path.join(dataset, f"{s}.jsonl"), s) for s in SPLITS}
-    if is_local_path(dataset):
-        raise DataError(f"dataset directory {dataset} does not exist")
     try:
         from datasets import load_dataset  # only the hub path needs it
         hub = load_dataset(HUB_NAMES.get(dataset, dataset))
@@ -217,7 +220,5 @@ class CustomDataLoader:
     def batches(self, split, batch_size, max_batches=0):
         """(x, y) batches over a split, grouped by length to pad little; with max_batches > 0, over
         max_batches x batch_size of its examples drawn at random (the same ones every time)."""
-        examples = sample(self.examples[split], max_batches * batch_size)
-        examples.sort(key=lambda e: len(e[0]))
-        for start in range(0, len(examples), batch_size):
-            yield self.collate(examples[start:start + batch_size])
+        for batch in by_length(sample(self.examples[split], max_batches * batch_size), batch_size, lambda e: len(e[0])):
+            yield self.collate(batch)

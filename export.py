@@ -18,19 +18,17 @@ import tempfile
 
 import torch
 
-from checkpoint import UMASK, CheckpointError, load_checkpoint, load_model
-from configurator import UsageError, check_source, fail, parse_flags, source_error
-from outdir import locked
+import runs
+from configurator import UsageError, parse_flags
 
 FLAGS = {
     "out_dir": ("out", "the run to export"),
-    "ckpt": ("best", "best (ckpt.pt) or last (ckpt_last.pt)"),
-    "format": ("peft", "peft (a LoRA adapter for Hugging Face PEFT) or hf (a merged Hugging Face GPT-2)"),
+    "ckpt": ("best", "best (ckpt.pt) or last (ckpt_last.pt)", ("best", "last")),
+    "format": ("peft", "peft (a LoRA adapter for Hugging Face PEFT) or hf (a merged Hugging Face GPT-2)", ("peft", "hf")),
     "dest": ("", "the directory to write; it must not exist yet, or be empty"),
     "base": ("", "a LoRA run's base model where it is no longer at the run's init_from (a name or directory)"),
     "debug": (False, "show full tracebacks"),
 }
-CHECKPOINT_FILES = {"best": "ckpt.pt", "last": "ckpt_last.pt"}
 
 
 def peft_adapter(checkpoint):
@@ -63,7 +61,25 @@ def write_hf(model, dest):
     c = model.config
     GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout).save_pretrained(dest)
-    save_file(model.eval().hf_state_dict(), os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
+    save_file(hf_state_dict(model.eval()), os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def hf_state_dict(model):
+    """The inverse of GPT.load_hf_state_dict: model's weights (LoRA merged in eval mode) as a
+    GPT2LMHeadModel state dict, q, k and v fused into c_attn, Conv1D weights stored (in, out)."""
+    sd = model.state_dict()
+    hf_sd = {}
+    for key, value in sd.items():
+        if "lora_" in key or key == "lm_head.weight" or ".k_attn." in key or ".v_attn." in key:
+            continue  # k and v join q in c_attn; lm_head is tied to wte
+        if ".q_attn." in key:
+            prefix, kind = key.rsplit(".q_attn.", 1)
+            fused = torch.cat([sd[f"{prefix}.{proj}.{kind}"] for proj in ("q_attn", "k_attn", "v_attn")])
+            hf_sd[f"{prefix}.c_attn.{kind}"] = fused.t() if kind == "weight" else fused
+        else:
+            hf_sd[key] = value.t() if key.endswith(("c_fc.weight", "c_proj.weight")) else value
+    return {k: v.contiguous() for k, v in hf_sd.items()}
 
 
 def check_dest(dest):
@@ -76,32 +92,19 @@ def check_dest(dest):
 
 
 def export(config):
-    if config.format not in ("peft", "hf"):
-        raise UsageError(f"format={config.format!r}: expected peft or hf")
-    if config.ckpt not in CHECKPOINT_FILES:
-        raise UsageError(f"ckpt={config.ckpt!r}: expected best or last")
-    dest = config.dest
-    check_dest(dest)
-    path = os.path.join(config.out_dir, CHECKPOINT_FILES[config.ckpt])
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={config.out_dir}")
-    with locked(config.out_dir, "export.py"):  # no run changes the files while they are read
-        checkpoint = load_checkpoint(path)
+    check_dest(config.dest)
+    with runs.hold(config.out_dir, "export.py") as run:  # no run changes the files while they are read
+        (_, checkpoint), = run.checkpoints((config.ckpt,))
+        path = run.path("ckpt.pt" if config.ckpt == "best" else "ckpt_last.pt")
         if config.format == "peft" and checkpoint["base"] is None:
             raise UsageError(f"{path} is not a LoRA run (it trained every weight); export it with format=hf")
-        model = None
-        if config.format == "hf":
-            base = config.base or (checkpoint["base"] or {}).get("init_from")
-            try:
-                if base:
-                    check_source("base", base)
-                model = load_model(checkpoint, config.base or None)
-            except CheckpointError:
-                raise
-            except ValueError as e:
-                raise source_error("base", base, e) from None
-        write_directory(dest, lambda tmp: write_peft(checkpoint, tmp) if model is None else write_hf(model, tmp))
-    print(f"wrote {dest} ({'PEFT LoRA adapter' if model is None else 'Hugging Face GPT2LMHeadModel'}) from {path}")
+        if config.format == "peft":
+            write_directory(config.dest, lambda tmp: write_peft(checkpoint, tmp))
+        else:
+            model = runs.load_model(checkpoint, config.base or None)
+            write_directory(config.dest, lambda tmp: write_hf(model, tmp))
+    kind = "PEFT LoRA adapter" if config.format == "peft" else "Hugging Face GPT2LMHeadModel"
+    print(f"wrote {config.dest} ({kind}) from {path} (iteration {checkpoint['iter_num']})")
 
 
 def write_directory(dest, write):
@@ -113,8 +116,8 @@ def write_directory(dest, write):
     try:
         write(tmp)
         for name in os.listdir(tmp):  # the usual permissions, not the temporary's owner-only ones
-            os.chmod(os.path.join(tmp, name), 0o666 & ~UMASK)
-        os.chmod(tmp, 0o777 & ~UMASK)
+            os.chmod(os.path.join(tmp, name), 0o666 & ~runs.UMASK)
+        os.chmod(tmp, 0o777 & ~runs.UMASK)
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,12 +126,8 @@ def write_directory(dest, write):
 
 def main(argv):
     config, _ = parse_flags("export.py", FLAGS, argv, __doc__)
-    try:
+    with runs.reported_errors("export.py", config.debug):
         export(config)
-    except (UsageError, CheckpointError, OSError) as e:
-        if config.debug:
-            raise
-        fail("export.py", str(e))
 
 
 if __name__ == "__main__":

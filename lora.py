@@ -87,8 +87,18 @@ class LoRALinear(nn.Linear):
         return text
 
 
+def _is_lora_param(name):
+    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+
+
 def mark_only_lora_as_trainable(model):
     """Freeze every parameter of model except the LoRA matrices; returns model."""
     for name, param in model.named_parameters():
-        param.requires_grad = name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+        param.requires_grad = _is_lora_param(name)
     return model
+
+
+def lora_state_dict(model):
+    """The LoRA matrices A and B of model, by name: all that a LoRA fine-tune changes, so all that
+    its checkpoint needs beside the pretrained weights. Merging never touches them."""
+    return {name: t for name, t in model.state_dict().items() if _is_lora_param(name)}

@@ -1,10 +1,8 @@
 """GPT-2 written from scratch (nanoGPT-style), with LoRA on the query, key and value projections.
 
-Loads Hugging Face GPT-2 checkpoints (hub names or local directories) and computes the same
-logits. Generation comes in two forms: `generate`, nanoGPT's one-sequence loop, and
-`generate_batch`, left-padded batches with a KV cache for fast evaluation. In eval mode, the
-tokens every prompt of a batch starts with (the instruction) can be computed once for the batch
-(share_prefix, on by default: 1.4-1.5x faster evaluation, measured in README).
+Loads Hugging Face GPT-2 weights (hub names or local directories) and computes the same logits.
+Evaluation works on batches of prompts of different lengths: left-padded, decoded with a KV cache,
+and the tokens every prompt starts with (the instruction) computed once for the whole batch.
 """
 import math
 import os
@@ -16,13 +14,7 @@ import torch.nn.functional as F
 
 from lora import LoRALinear
 
-IGNORE_INDEX = -100  # targets with this value add nothing to the loss
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-def is_local_path(name):
-    """name means a directory here, not a Hugging Face hub id such as gpt2 or org/name."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0]))
 
 
 @dataclass
@@ -40,7 +32,7 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens processed so far."""
+    """Keys and values of every layer for the tokens processed so far: (B, n_head, past, head size)."""
 
     def __init__(self, n_layer):
         self.layers = [None] * n_layer
@@ -49,7 +41,7 @@ class KVCache:
         return 0 if self.layers[0] is None else self.layers[0][0].size(2)
 
     def expand(self, batch_size):
-        """Give every one of batch_size rows the keys and values of a batch of one."""
+        """Give each of batch_size rows the keys and values of a batch of one (no copy)."""
         self.layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self.layers]
 
     def extend(self, layer, k, v):
@@ -65,8 +57,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        lora = dict(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                    lora_dropout=config.lora_dropout)
+        lora = dict(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
         self.q_attn = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
         self.k_attn = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
         self.v_attn = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
@@ -80,12 +71,11 @@ class CausalSelfAttention(nn.Module):
         # query, key, value for all heads: (B, nh, T, hs)
         q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for proj in (self.q_attn, self.k_attn, self.v_attn))
-        if kv_cache is not None:  # keys and values of the earlier tokens come first: (B, nh, past + T, hs)
+        if kv_cache is not None:  # the earlier tokens' keys and values come first: (B, nh, past + T, hs)
             k, v = kv_cache.extend(layer, k, v)
-        # causal attention, or attn_mask (B, 1, T, past + T) where there is padding or a past
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0)
+        # causal attention, or attn_mask (B or 1, 1, T, past + T) where there is padding or a past
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -145,20 +135,17 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden_states(self, idx, key_mask=None, kv_cache=None):
-        """Final-layer-norm output (B, T, n_embd) for tokens idx (B, T). key_mask (B, past + T), True
-        at real tokens, allows left padding: positions count real tokens only and nothing attends
-        to padding. kv_cache holds the past and is extended."""
+        """Final-layer-norm output (B, T, n_embd) for tokens idx (B, T). kv_cache holds the past
+        tokens and is extended. key_mask (B, past + T), False at left padding: positions count real
+        tokens only and nothing attends to padding."""
         B, T = idx.size()
         past = len(kv_cache) if kv_cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         if key_mask is None:
-            pos = torch.arange(past, past + T, device=idx.device).expand(B, T)
-            attn_mask = None if past == 0 or T == 1 else self._causal_mask(
-                torch.ones(B, past + T, dtype=torch.bool, device=idx.device), T)
-        else:
-            pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]
-            attn_mask = self._causal_mask(key_mask, T)
+            key_mask = torch.ones(1, past + T, dtype=torch.bool, device=idx.device)
+        pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]
+        attn_mask = None if past == 0 and key_mask.all() else self._causal_mask(key_mask, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, kv_cache, layer)
@@ -174,63 +161,39 @@ class GPT(nn.Module):
         mask[..., torch.arange(T), torch.arange(total - T, total)] = True
         return mask
 
-    def _prefill_shared_prefix(self, rows, kv_cache):
-        """Run the tokens every row starts with once, as a batch of one, into kv_cache, and give
-        each row that cache. Returns their count and hidden states (1, count, n_embd). Eval mode
-        only: in training, dropout must differ between rows."""
+    def _shared_start(self, rows, kv_cache, share_prefix):
+        """Run the tokens every row starts with once, as a batch of one, into kv_cache, which then
+        serves every row. Returns their count and hidden states (1, count, n_embd). Eval mode only:
+        in training, dropout must differ between rows."""
         shared = 0
-        if not self.training and len(rows) > 1:  # commonprefix compares the lists element by element
+        if share_prefix and not self.training and len(rows) > 1:  # commonprefix compares lists element-wise
             shared = min(len(os.path.commonprefix(list(rows))), min(map(len, rows)) - 1)
         if shared == 0:
             return 0, None
-        prefix = torch.tensor([rows[0][:shared]], device=self.lm_head.weight.device)
-        x = self.hidden_states(prefix, kv_cache=kv_cache)
+        x = self.hidden_states(torch.tensor([rows[0][:shared]], device=self.lm_head.weight.device), kv_cache=kv_cache)
         kv_cache.expand(len(rows))
         return shared, x
 
     def forward(self, idx, targets=None, reduction="mean", share_prefix=True):
         """idx (B, T) token ids. Without targets: (logits (B, T, vocab), None). With targets (B, T),
-        IGNORE_INDEX where there is no target: (None, loss), the cross-entropy over the target
-        positions (reduction mean or sum). The vocabulary projection, the largest matmul, is then
-        computed only at the targets (the two answer tokens of a ~50-token review), so no logits
-        are returned. In eval mode with share_prefix, the rows' common start is computed once."""
-        if self.training or not share_prefix:
-            x = self.hidden_states(idx)
-        else:
-            kv_cache = KVCache(self.config.n_layer)
-            shared, prefix = self._prefill_shared_prefix(idx.tolist(), kv_cache)
-            x = self.hidden_states(idx[:, shared:], kv_cache=kv_cache if shared else None)
-            if shared:
-                x = torch.cat([prefix.expand(len(idx), -1, -1), x], dim=1)
+        -100 where there is none: (None, cross-entropy over the target positions), the vocabulary
+        projection (the largest matmul) computed only there. In eval mode with share_prefix, the
+        rows' common start is computed once."""
+        kv_cache = KVCache(self.config.n_layer)
+        shared, prefix = self._shared_start(idx.tolist(), kv_cache, share_prefix)
+        x = self.hidden_states(idx[:, shared:], kv_cache=kv_cache)
+        if shared:
+            x = torch.cat([prefix.expand(len(idx), -1, -1), x], dim=1)
         if targets is None:
             return self.lm_head(x), None
-        keep = targets != IGNORE_INDEX
+        keep = targets != -100  # dataloader's IGNORE_INDEX, cross_entropy's default
         return None, F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep], reduction=reduction)
-
-    @staticmethod
-    def _pick_next(logits, temperature, top_k):
-        if temperature == 0:
-            return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
-        if top_k is not None:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float("inf")
-        return torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """nanoGPT's loop: append max_new_tokens tokens to idx (B, T); temperature=0 is greedy."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            idx = torch.cat((idx, self._pick_next(logits[:, -1, :], temperature, top_k)), dim=1)
-        return idx
 
     def _start_batch(self, prompts, share_prefix):
         """(idx, key_mask, kv_cache) for token lists of different lengths: their common start in
         the cache (eval mode, share_prefix), the rest left-padded, key_mask False at padding."""
         kv_cache = KVCache(self.config.n_layer)
-        shared, _ = self._prefill_shared_prefix(prompts, kv_cache) if share_prefix else (0, None)
+        shared, _ = self._shared_start(prompts, kv_cache, share_prefix)
         rows = [p[shared:] for p in prompts]
         T = max(len(p) for p in rows)
         idx = torch.zeros(len(rows), T, dtype=torch.long)
@@ -251,55 +214,51 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=(), share_prefix=True):
         """Continue each token list in prompts; returns one list of new tokens per prompt.
-
-        The prompts are left-padded into one batch and decoded with a KV cache (in eval mode with
-        share_prefix, their common start is computed once). A row stops after a token in
-        stop_tokens (which is kept); the loop ends once every row has stopped.
-        """
+        temperature 0 is greedy; otherwise sample, from the top_k most likely tokens where given.
+        A row ends after a token in stop_tokens (kept); the loop ends once every row has."""
         idx, key_mask, kv_cache = self._start_batch(prompts, share_prefix)
-        device = idx.device
-        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=idx.device)
         new_tokens = []
         for _ in range(max_new_tokens):
-            x = self.hidden_states(idx, key_mask, kv_cache)
-            idx = self._pick_next(self.lm_head(x[:, -1, :]), temperature, top_k)
+            logits = self.lm_head(self.hidden_states(idx, key_mask, kv_cache)[:, -1, :])
+            if temperature == 0:
+                idx = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx = torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
             new_tokens.append(torch.where(done[:, None], -1, idx))
             done |= torch.isin(idx[:, 0], stop)
             if done.all():
                 break
             key_mask = torch.cat([key_mask, torch.ones_like(idx, dtype=torch.bool)], dim=1)
-        rows = torch.cat(new_tokens, dim=1).tolist()
-        return [[t for t in row if t != -1] for row in rows]
+        return [[t for t in row if t != -1] for row in torch.cat(new_tokens, dim=1).tolist()]
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
-        """GPT-2 weights from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, any GPT-2 hub
-        id) or a local Hugging Face GPT-2 directory. override_args may set dropout and lora_*."""
+        """GPT-2 weights from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, any GPT-2 hub id)
+        or a local Hugging Face GPT-2 directory. override_args may set dropout and lora_*."""
         from transformers import GPT2LMHeadModel  # only this path needs transformers
         from transformers.utils.logging import disable_progress_bar
         disable_progress_bar()  # a bar per load would bury our own output
-
         override_args = dict(override_args or {})
         allowed = {"dropout", "lora_rank", "lora_alpha", "lora_dropout"}
         if not set(override_args) <= allowed:
-            raise ValueError(f"from_pretrained can override only {sorted(allowed)}, "
-                             f"got {sorted(set(override_args) - allowed)}")
-        if is_local_path(name_or_path) and not os.path.isdir(name_or_path):
-            raise ValueError(f"{name_or_path} does not exist")
+            raise ValueError(f"from_pretrained can override only {sorted(allowed)}, got {sorted(set(override_args) - allowed)}")
         if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-            raise ValueError(f"{name_or_path} holds no config.json: expected a Hugging Face GPT-2 "
-                             "checkpoint directory (config.json and model weights)")
+            raise ValueError(f"{name_or_path} holds no config.json: expected a Hugging Face GPT-2 checkpoint directory")
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:
             expected = "" if name_or_path in GPT2_SIZES else (": expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
                                                               "a GPT-2 hub id or a local Hugging Face GPT-2 directory")
-            raise ValueError(f"cannot load GPT-2 weights from {name_or_path!r}{expected} "
-                             f"({str(e).splitlines()[0]})") from None
+            raise ValueError(f"cannot load GPT-2 weights from {name_or_path!r}{expected} ({str(e).splitlines()[0]})") from None
         c = hf.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                           n_head=c.n_head, n_embd=c.n_embd, bias=True, **override_args)
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd, bias=True, **override_args)
         model = cls.uninitialized(config)
         for module in model.modules():  # LoRA's own initialisation; the base weights are loaded next
             if isinstance(module, LoRALinear) and module.is_lora():
@@ -309,8 +268,8 @@ class GPT(nn.Module):
 
     @classmethod
     def uninitialized(cls, config):
-        """A model whose weights are allocated but not initialised, for loading into: a random
-        init that loading overwrites would cost seconds for gpt2-medium."""
+        """A model whose weights are allocated but not initialised, to load into: the random init
+        that loading overwrites would cost seconds for gpt2-medium."""
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device="cpu")
@@ -319,8 +278,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def load_hf_state_dict(self, hf_sd):
-        """Copy a Hugging Face GPT2LMHeadModel state dict: Conv1D weights are stored (in, out),
-        so they are transposed, and the fused c_attn is split into q, k and v."""
+        """Copy a Hugging Face GPT2LMHeadModel state dict: Conv1D weights are stored (in, out), so
+        they are transposed, and the fused c_attn is split into q, k and v."""
         sd = self.state_dict()
         C = self.config.n_embd
         loaded = set()
@@ -340,30 +299,8 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"GPT-2 checkpoint lacks {sorted(missing)[:3]} ({len(missing)} tensors)")
 
-    @torch.no_grad()
-    def hf_state_dict(self):
-        """The inverse of load_hf_state_dict: this model's weights (LoRA merged in eval mode) as a
-        GPT2LMHeadModel state dict, q, k and v fused into c_attn, Conv1D weights stored (in, out)."""
-        sd = self.state_dict()
-        hf_sd = {}
-        for key, value in sd.items():
-            if "lora_" in key or key == "lm_head.weight" or ".k_attn." in key or ".v_attn." in key:
-                continue  # k and v join q in c_attn; lm_head is tied to wte
-            if ".q_attn." in key:
-                prefix, kind = key.rsplit(".q_attn.", 1)
-                fused = torch.cat([sd[f"{prefix}.{proj}.{kind}"] for proj in ("q_attn", "k_attn", "v_attn")])
-                hf_sd[f"{prefix}.c_attn.{kind}"] = fused.t() if kind == "weight" else fused
-            else:
-                hf_sd[key] = value.t() if key.endswith(("c_fc.weight", "c_proj.weight")) else value
-        return {k: v.contiguous() for k, v in hf_sd.items()}
-
 
 def count_parameters(model):
-    """(trainable, total) parameter counts; tied weights count once."""
+    """(trainable, total) parameter counts; the tied embedding counts once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def describe_parameters(model):
-    trainable, total = count_parameters(model)
-    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"

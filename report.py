@@ -22,12 +22,11 @@ import zipfile
 
 import torch
 
+import runs
 import train
-from checkpoint import CheckpointError, atomic_write, load_checkpoint
 from configurator import fail, parse_flags
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig, count_parameters
-from runlog import read_metrics
 
 RUNS = {  # name: (label in the tables and plots, train.py flags beside its defaults)
     "r16_a64": ("LoRA r=16, alpha=64", "lora_rank=16 lora_alpha=64"),
@@ -70,11 +69,11 @@ def read_results(out_dir):
 
 
 def run_state(out_dir):
-    """The run in out_dir (its id, config, model_args, iteration), or None. A finished run's
-    resume.pt holds no weights, so it is read first: the cheapest to load."""
-    for name in ("resume.pt", "ckpt_last.pt", "ckpt.pt"):
+    """The run in out_dir (its id, config, model_args, iteration), or None; its tensors are mapped
+    from the file, not read."""
+    for name in ("ckpt_last.pt", "ckpt.pt"):
         if os.path.isfile(os.path.join(out_dir, name)):
-            return load_checkpoint(os.path.join(out_dir, name))
+            return runs.load_checkpoint(os.path.join(out_dir, name), mmap=True)
     return None
 
 
@@ -121,7 +120,7 @@ def train_argv(config, run):
     return argv + ([f"max_iters={config.max_iters}"] if config.max_iters else [])
 
 
-def run_grid(config, runs):
+def run_grid(config, names):
     if config.zero_shot:
         out_dir = os.path.join(config.results_dir, "zero_shot")
         if zero_shot_row(config):
@@ -129,7 +128,7 @@ def run_grid(config, runs):
         else:
             run_command([sys.executable, os.path.join(HERE, "generate.py"), f"out_dir={out_dir}",
                          f"init_from={config.init_from}", f"dataset={config.dataset}", f"device={config.device}"])
-    for run in runs:
+    for run in names:
         out_dir = os.path.join(config.results_dir, run)
         argv = train_argv(config, run)
         state = run_state(out_dir)
@@ -154,18 +153,18 @@ def run_summary(out_dir, checkpoint):
     trainable, total = count_parameters(model)
     results = read_results(out_dir)
     by_name = {r["checkpoint"]: r for r in results["results"] if (r["method"], r["parse"]) == ("generate", "near_start")}
-    metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    metrics = runs.read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     return dict(rank=model.config.lora_rank, alpha=model.config.lora_alpha, best=by_name["Best Val Checkpoint"],
                 last=by_name["Last Iter Checkpoint"], trainable=trainable, total=total,
                 seconds=metrics[-1]["elapsed"] if metrics else None, device=by_name["Best Val Checkpoint"]["settings"]["device"],
                 iters=checkpoint["iter_num"])
 
 
-def table(runs, summaries):
+def table(names, summaries):
     lines = ["| run | r | alpha | test acc. (Best Val) | test acc. (Last Iter) | unparseable (best / last) "
              "| trainable parameters | steps | train time | device |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for run in runs:
+    for run in names:
         s = summaries.get(run)
         if s is None:
             lines.append(f"| {LABELS[run]} | not run yet | | | | | | | | |")
@@ -185,10 +184,10 @@ def write_markdown(config, summaries):
     if zero:
         lines += ["## Zero-shot (5.3)", "", "| model | test accuracy | unparseable | device |", "|---|---|---|---|",
                   f"| {config.init_from} | {zero['accuracy']:.4f} | {zero['unparseable']} | {zero['settings']['device']} |", ""]
-    for title, runs in TABLES:
-        lines += [f"## {title}", "", *table(runs, summaries), ""]
+    for title, names in TABLES:
+        lines += [f"## {title}", "", *table(names, summaries), ""]
     path = os.path.join(config.results_dir, "results.md")
-    atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
+    runs.atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     return path
 
 
@@ -199,11 +198,11 @@ def write_plots(results_dir, summaries):
 
     series = {}
     for run in summaries:
-        rows = read_metrics(os.path.join(results_dir, run, "metrics.jsonl"))
+        rows = runs.read_metrics(os.path.join(results_dir, run, "metrics.jsonl"))
         series[run] = [[r["iter"], r["val_loss"]] for r in rows if "val_loss" in r]
-    for filename, (title, runs) in PLOTS.items():
+    for filename, (title, names) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-        for run in runs:
+        for run in names:
             if run in series:
                 ax.plot(*zip(*series[run]), marker="o", markersize=3, label=LABELS[run])
         ax.set(xlabel="iteration", ylabel="validation loss (answer tokens)", title=title)
@@ -211,10 +210,10 @@ def write_plots(results_dir, summaries):
         if ax.lines:
             ax.legend()
         fig.tight_layout()
-        atomic_write(os.path.join(results_dir, filename), lambda f: fig.savefig(f, format="png"))
+        runs.atomic_write(os.path.join(results_dir, filename), lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
-    data = {filename: {LABELS[r]: series[r] for r in runs if r in series} for filename, (_, runs) in PLOTS.items()}
-    atomic_write(os.path.join(results_dir, "val_loss.json"), lambda f: f.write(json.dumps(data, indent=1).encode()))
+    data = {filename: {LABELS[r]: series[r] for r in names if r in series} for filename, (_, names) in PLOTS.items()}
+    runs.atomic_write(os.path.join(results_dir, "val_loss.json"), lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 
 GRADED = ("lora.py", "model.py", "dataloader.py", "train.py", "generate.py")
@@ -244,7 +243,7 @@ def write_submission(path="submission.zip"):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
             for name in files:
                 z.write(os.path.join(HERE, name), name)
-    atomic_write(path, write)
+    runs.atomic_write(path, write)
     print(f"wrote {path}: {' '.join(files)}\nthe graded files are {' '.join(GRADED)}; the other .py files are "
           "what they import, so upload them too wherever the scripts are run")
 
@@ -253,19 +252,19 @@ def main(argv):
     if argv == ["submission"]:
         return write_submission()
     config, _ = parse_flags("report.py", FLAGS, argv, __doc__)
-    runs = list(RUNS) if config.runs == "all" else [r.strip() for r in config.runs.split(",") if r.strip()]
-    unknown = [r for r in runs if r not in RUNS]
-    if unknown or not runs:
+    names = list(RUNS) if config.runs == "all" else [r.strip() for r in config.runs.split(",") if r.strip()]
+    unknown = [r for r in names if r not in RUNS]
+    if unknown or not names:
         fail("report.py", f"runs={config.runs!r}: expected all or a comma-separated list of {', '.join(RUNS)}")
     try:
-        run_grid(config, runs)
+        run_grid(config, names)
         summaries = {}
         for run in RUNS:  # the finished runs made with the settings asked for now
             out_dir = os.path.join(config.results_dir, run)
             state = run_state(out_dir)
             if state and is_finished(out_dir, state) and not first_difference(state["config"], train_argv(config, run)):
                 summaries[run] = run_summary(out_dir, state)
-    except CheckpointError as e:
+    except runs.CheckpointError as e:
         fail("report.py", str(e))
     path = write_markdown(config, summaries)
     write_plots(config.results_dir, summaries)

@@ -49,21 +49,48 @@ def small_data_dir(data_dir, tmp_path_factory):
     return path
 
 
+@torch.no_grad()
+def greedy_one_at_a_time(model, prompt, max_new_tokens):
+    """nanoGPT's generation loop, the reference for batched generation: the whole sequence is run
+    again for each new token, with no cache, no padding and no shared start."""
+    idx = torch.tensor([prompt])
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return idx[0, len(prompt):].tolist()
+
+
+def checkpoint_of(model, base=None, **entries):
+    """A checkpoint dict of model's trained tensors, as train.py writes ckpt.pt."""
+    import dataclasses
+    import runs
+    return dict(dict(version=runs.CHECKPOINT_VERSION, run_id="test", model=runs.trained_state(model),
+                     model_args=dataclasses.asdict(model.config), base=base, iter_num=0, best_val_loss=0.0, config={}),
+                **entries)
+
+
+def last_wins(*flags):
+    """key=value flags with the last value of each key kept (train.py refuses a flag given twice)."""
+    return list({str(f).partition("=")[0]: str(f) for f in flags}.values())
+
+
 def run_train(*flags):
     """train.py in this process, tiny and quick unless flags say otherwise."""
     import train
-    train.main(["device=cpu", "eval_test=false", "batch_size=8", "gradient_accumulation_steps=2",
-                "eval_interval=2", "eval_batch_size=32", *map(str, flags)])
+    train.main(last_wins("device=cpu", "eval_test=false", "batch_size=8", "gradient_accumulation_steps=2",
+                         "eval_interval=2", "eval_batch_size=32", *flags))
 
 
 # a killed run, and the uninterrupted run it must equal once resumed
 KILLER = r"""
 import os, signal, sys
-import checkpoint, train
+import runs, train
 target, nth = sys.argv[1], int(sys.argv[2])
 calls = [0]
 def wrap(original):
     def wrapped(*args, **kwargs):
+        if target == "atomic_write" and not str(args[0]).endswith(".pt"):
+            return original(*args, **kwargs)  # checkpoints are counted, not metrics or results
         calls[0] += 1
         if calls[0] == nth:
             if target == "atomic_write":  # die with the temporary file half written
@@ -78,7 +105,7 @@ def wrap(original):
         return original(*args, **kwargs)
     return wrapped
 if target == "atomic_write":
-    checkpoint.atomic_write = wrap(checkpoint.atomic_write)
+    runs.atomic_write = wrap(runs.atomic_write)
 else:
     train.validation_loss = wrap(train.validation_loss)
 train.main(sys.argv[3:])

@@ -9,8 +9,8 @@ from transformers import GPT2LMHeadModel
 
 import export
 import generate
-from checkpoint import base_fingerprint, load_checkpoint, load_model
-from conftest import run_train, save_random_hf_gpt2
+from runs import base_fingerprint, load_checkpoint, load_model
+from conftest import last_wins, run_train, save_random_hf_gpt2
 from dataloader import encode_prompts, get_tokenizer, load_rotten_tomatoes
 from model import GPT
 
@@ -44,7 +44,7 @@ def test_peft_loads_the_adapter_with_our_logits(lora_run, hf_gpt2_dir, tmp_path,
     from peft import PeftModel
     dest = tmp_path / "adapter"
     export.main([f"out_dir={lora_run}", "format=peft", f"dest={dest}"])
-    assert capsys.readouterr().out == f"wrote {dest} (PEFT LoRA adapter) from {lora_run / 'ckpt.pt'}\n"
+    assert capsys.readouterr().out == f"wrote {dest} (PEFT LoRA adapter) from {lora_run / 'ckpt.pt'} (iteration 2)\n"
     assert sorted(os.listdir(dest)) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((dest / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (24, 96.0, ["c_attn"])
@@ -102,8 +102,8 @@ def test_peft_needs_a_lora_run(full_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["format=onnx"], "format='onnx': expected peft or hf"),
-    (["ckpt=middle"], "ckpt='middle': expected best or last"),
+    (["format=onnx"], "format='onnx': must be peft or hf"),
+    (["ckpt=middle"], "ckpt='middle': must be best or last"),
     (["dest="], "dest= is required: the directory to write the export to"),
     (["dest={tmp}/full"], "dest='{tmp}/full' exists and is not empty; choose a new directory"),
     (["out_dir={tmp}/nothing"], "no checkpoint at {tmp}/nothing/ckpt.pt; make one with: python train.py out_dir={tmp}/nothing"),
@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_and_writes_nothing(lora_run, tmp_path, capsys, fl
     (tmp_path / "full" / "keep.txt").write_text("mine")
     flags = [f.format(tmp=tmp_path) for f in flags]
     with pytest.raises(SystemExit) as e:
-        export.main([f"out_dir={lora_run}", f"dest={tmp_path / 'new'}", *flags])
+        export.main(last_wins(f"out_dir={lora_run}", f"dest={tmp_path / 'new'}", *flags))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("export.py: error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1

@@ -51,10 +51,13 @@ def run_cli(*args, script="train.py"):
     (["lora_dropout=1.0"], "train.py: error: lora_dropout=1.0: must be in [0, 1)"),
     (["max_iters=0"], "train.py: error: max_iters=0: must be positive"),
     (["eval_interval=0"], "train.py: error: eval_interval=0: must be positive"),
-    (["prompt_template=fancy"], "train.py: error: prompt_template='fancy': must be one of default, question"),
+    (["prompt_template=fancy"], "train.py: error: prompt_template='fancy': must be default or question"),
+    (["max_iters=2", "max_iters=3"], "train.py: error: max_iters is given twice (2 and 3); give it once"),
+    (["beta2=1"], "train.py: error: beta2=1.0: must be in [0, 1)"),
+    (["weight_decay=-0.1"], "train.py: error: weight_decay=-0.1: must be >= 0"),
     (["device=cuda"], "train.py: error: device='cuda': CUDA is not available on this machine (use device=cpu)"),
     (["dtype=float16"], "train.py: error: dtype='float16' needs CUDA; on this device use float32 or bfloat16"),
-    (["dtype=int8"], "train.py: error: dtype='int8': expected auto, float32, bfloat16 or float16"),
+    (["dtype=int8"], "train.py: error: dtype='int8': must be one of auto, float32, bfloat16, float16"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -76,8 +79,12 @@ def test_help_lists_every_flag_with_its_default(module, option, capsys):
         module.main(["max_iters=abc", option])  # help wins over anything else on the line
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name, (default, help_text) in module.FLAGS.items():
-        assert f"{name}={default!r}" in out and help_text in out
+    for name, (default, help_text, *allowed) in module.FLAGS.items():
+        line = next(l for l in out.splitlines() if l.startswith(f"  {name}={default!r} "))
+        assert help_text in line
+        if allowed:  # the values a flag takes are listed beside its help
+            listed = allowed[0] if isinstance(allowed[0], str) else ", ".join(v or "''" for v in allowed[0])
+            assert line.endswith(f" ({listed})")
     assert ("aliases: rank = lora_rank, alpha = lora_alpha, lr = learning_rate" in out) == (module is train)
 
 
@@ -98,5 +105,5 @@ def test_any_argument_list_parses_or_exits_2(argv):
         assert e.code == 2
     else:
         assert set(vars(config)) == set(train.FLAGS) and explicit <= set(train.FLAGS)
-        for key, (default, _) in train.FLAGS.items():
+        for key, (default, *_) in train.FLAGS.items():
             assert type(getattr(config, key)) is type(default)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import generate
-from checkpoint import load_checkpoint, load_model
-from conftest import run_train
+from runs import load_checkpoint, load_model
+from conftest import greedy_one_at_a_time, run_train
 from dataloader import encode_prompts, get_tokenizer, load_rotten_tomatoes
 from generate import parse_label, predict_labels, summarize
 from model import GPT, GPTConfig, KVCache
@@ -50,7 +50,7 @@ def test_batched_greedy_equals_one_at_a_time(lora_model, shared, monkeypatch):
     batched = lora_model.generate_batch(prompts, 8, temperature=0.0, stop_tokens=stop)
     assert expanded == ([len(prompts)] if shared else [])  # a common start is computed once
     for prompt, got in zip(prompts, batched):
-        full = lora_model.generate(torch.tensor([prompt]), 8, temperature=0)[0, len(prompt):].tolist()
+        full = greedy_one_at_a_time(lora_model, prompt, 8)
         cut = next((i + 1 for i, t in enumerate(full) if t in stop), len(full))
         assert got == full[:cut]
     assert len({len(p) for p in prompts}) > 20
@@ -78,7 +78,7 @@ def test_generate_method_parses_the_generated_text(lora_model, small_data_dir):
     enc = get_tokenizer()
     prompts, _ = encode_prompts([r["text"] for r in records])
     for prompt, record, pred in zip(prompts, records, preds):
-        tokens = lora_model.generate(torch.tensor([prompt]), 3, temperature=0)[0, len(prompt):].tolist()
+        tokens = greedy_one_at_a_time(lora_model, prompt, 3)
         cut = next((i + 1 for i, t in enumerate(tokens) if t == 50256), len(tokens))
         assert pred["continuation"] == enc.decode([t for t in tokens[:cut] if t != 50256])
         assert pred["prediction"] == parse_label(pred["continuation"])
@@ -107,7 +107,7 @@ def trained_run(hf_gpt2_dir, small_data_dir, tmp_path_factory):
 def test_train_reports_both_checkpoints_through_generate(trained_run):
     trained_run, printed = trained_run
     lines = [l for l in printed.splitlines() if " || Accuracy: " in l]
-    assert [l.split(" || ")[0] for l in lines] == ["Last Iter Checkpoint", "Best Val Checkpoint"]
+    assert [l.split(" || ")[0] for l in lines] == ["Best Val Checkpoint", "Last Iter Checkpoint"]
     assert printed.endswith(f"results: {trained_run / 'results.json'} and predictions.json\n")
     results = json.loads((trained_run / "results.json").read_text())
     for row in results["results"]:
@@ -165,7 +165,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
     assert err.startswith(f"generate.py: error: {tmp_path / 'ckpt.pt'} is corrupt or truncated (")
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt"]  # the lock comes first, before anything is read
 
 
 def test_checkpoint_template_is_the_default_and_sampling_is_seeded(hf_gpt2_dir, small_data_dir, tmp_path, capsys):

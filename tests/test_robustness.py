@@ -10,15 +10,15 @@ import torch
 
 import generate
 from conftest import KILLER, ROOT, files, losses, run_train, tiny_run_flags
-from checkpoint import CheckpointError, load_checkpoint
-from runlog import read_metrics
+from runs import CheckpointError, load_checkpoint
+from runs import read_metrics
 
 @pytest.mark.parametrize("target, nth, moment", [
     ("validation_loss", 1, "before the first evaluation"),
     ("atomic_write", 1, "while writing the first ckpt.pt"),
-    ("atomic_write", 2, "while writing the first resume.pt"),
+    ("atomic_write", 2, "while writing the first ckpt_last.pt"),
     ("validation_loss", 2, "after the first checkpoints, before the second evaluation"),
-    ("atomic_write", 4, "while writing the second resume.pt"),
+    ("atomic_write", 4, "while writing the second ckpt_last.pt"),
     ("validation_loss", 3, "after the second checkpoints: steps 1-2 of the killed process are kept"),
 ])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(straight_run, hf_gpt2_dir, small_data_dir, tmp_path,
@@ -35,7 +35,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(straight_run, hf_gpt2_
     assert len(list(out.glob(".*.tmp"))) == (1 if target == "atomic_write" else 0)
 
     run_train(*flags)  # the same command again
-    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl"]
     expected, got = load_checkpoint(straight / "ckpt_last.pt"), load_checkpoint(out / "ckpt_last.pt")
     assert got["iter_num"] == 4
     for key, value in expected["model"].items():
@@ -142,7 +142,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoints(finished_run, hf_
     assert capsys.readouterr().err.strip().endswith(
         f"train.py: error: could not write {out}/ckpt.pt (No space left on device); the previous file, if any, is intact")
     after = files(out)
-    for name in ("ckpt.pt", "ckpt_last.pt", "resume.pt"):
+    for name in ("ckpt.pt", "ckpt_last.pt"):
         assert after[name] == before[name]
     assert not list(out.glob(".*.tmp"))
 
@@ -157,7 +157,7 @@ def test_nan_loss_stops_without_touching_checkpoints(finished_run, hf_gpt2_dir, 
     assert capsys.readouterr().err.strip().endswith(
         "train.py: error: training loss is nan at iteration 6; checkpoints left as they were")
     after = files(out)
-    for name in ("ckpt.pt", "ckpt_last.pt", "resume.pt"):
+    for name in ("ckpt.pt", "ckpt_last.pt"):
         assert after[name] == before[name]
 
 
@@ -196,14 +196,15 @@ def test_checkpoint_carrying_pickled_code_is_refused(finished_run, capsys):
 def test_checkpoint_of_another_format_version_is_refused(finished_run):
     out, _ = finished_run
     torch.save(dict(load_checkpoint(out / "ckpt.pt"), version=99), out / "ckpt.pt")
-    with pytest.raises(CheckpointError, match="has checkpoint format 99; this code reads format 2"):
+    with pytest.raises(CheckpointError, match="has checkpoint format 99; this code reads format 3"):
         load_checkpoint(out / "ckpt.pt")
 
 
 def test_debug_shows_the_exception(tmp_path):
     from configurator import UsageError
-    with pytest.raises(UsageError, match="max_iters=0"):
-        run_train("init_from=scratch", f"out_dir={tmp_path}", "max_iters=0", "debug=true")
+    with pytest.raises(UsageError, match="n_embd=100: must be a multiple of n_head=3"):
+        run_train("init_from=scratch", f"out_dir={tmp_path / 'o'}", "n_embd=100", "n_head=3", "debug=true")
+    assert not (tmp_path / "o").exists()
 
 
 def test_unknown_model_name_is_one_line(tmp_path, small_data_dir, capsys, monkeypatch):

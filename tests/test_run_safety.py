@@ -13,9 +13,8 @@ import torch
 import export
 import generate
 import train
-from checkpoint import UMASK, atomic_write, load_checkpoint
+from runs import UMASK, Run, atomic_write, load_checkpoint
 from conftest import KILLER, ROOT, files, losses, run_train, save_random_hf_gpt2, tiny_run_flags
-from outdir import locked
 
 
 def fails_with(capsys, code, message, call, *args):
@@ -31,15 +30,15 @@ def fails_with(capsys, code, message, call, *args):
 
 def test_resume_auto_never_restarts_over_a_finished_run(finished_run, hf_gpt2_dir, small_data_dir, tmp_path, capsys):
     out, before = finished_run
-    os.remove(out / "resume.pt")
+    os.remove(out / "ckpt_last.pt")
     before = files(out)
-    message = (f"train.py: error: out_dir={str(out)!r} holds a run but no resume.pt to continue it from; nothing was "
-               "changed: replace the run with overwrite=true, or choose another out_dir")
+    message = (f"train.py: error: out_dir={str(out)!r} holds a run but no ckpt_last.pt to continue it from; nothing "
+               "was changed: replace the run with overwrite=true, or choose another out_dir")
     fails_with(capsys, 2, message, run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out))
     assert files(out) == before
-    copy = tmp_path / "copy"  # a finished run copied without its resume.pt
+    copy = tmp_path / "copy"  # a run copied without its ckpt_last.pt
     copy.mkdir()
-    for name in ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl"):
+    for name in ("ckpt.pt", "metrics.jsonl"):
         shutil.copy(out / name, copy / name)
     fails_with(capsys, 2, message.replace(str(out), str(copy)), run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, copy))
 
@@ -66,9 +65,11 @@ def test_a_second_process_is_refused_while_a_run_holds_out_dir(straight_run, hf_
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (out / "resume.pt").exists() and time.time() < deadline:
+        def stalled():  # in its second evaluation, after steps 1 and 2: nothing changes in out_dir now
+            return (out / "metrics.jsonl").exists() and '"iter": 2' in (out / "metrics.jsonl").read_text()
+        while not stalled() and time.time() < deadline:
             time.sleep(0.2)
-        assert (out / "resume.pt").exists()
+        assert stalled() and (out / "ckpt_last.pt").exists()
         before = files(out)
         holder = f"train.py (process {first.pid})"
         in_use = f"out_dir={str(out)!r} is in use by {holder}; wait for it to end or choose another out_dir"
@@ -90,7 +91,7 @@ def test_lock_is_released_by_a_failed_run(finished_run, capsys):
     out, _ = finished_run
     with pytest.raises(SystemExit):
         run_train("init_from=resume", f"out_dir={out}", "rank=4")  # refused after taking the lock
-    with locked(str(out), "test"):  # free again
+    with Run(str(out), "test"):  # free again
         pass
 
 
@@ -100,20 +101,20 @@ def test_ckpt_interval_never_saves_a_diverged_state(hf_gpt2_dir, small_data_dir,
              "learning_rate=1e30", "eval_interval=100", "ckpt_interval=1", "max_iters=4", "resume=auto"]
     fails_with(capsys, 1, "train.py: error: training loss is nan at iteration 2; checkpoints left as they were",
                run_train, *flags)
-    resume = load_checkpoint(out / "resume.pt")  # the last good state: iteration 0, before the huge step
+    resume = load_checkpoint(out / "ckpt_last.pt")  # the last good state: iteration 0, before the huge step
     assert resume["iter_num"] == 0
     start = load_checkpoint(out / "ckpt.pt")["model"]
     assert all(torch.equal(resume["model"][k], start[k]) for k in start)
 
 
-def test_ckpt_interval_resume_pt_resumes_exactly(straight_run, hf_gpt2_dir, small_data_dir, tmp_path):
+def test_ckpt_interval_ckpt_last_resumes_exactly(straight_run, hf_gpt2_dir, small_data_dir, tmp_path):
     out = tmp_path / "killed"
     flags = tiny_run_flags(hf_gpt2_dir, small_data_dir, out) + ["ckpt_interval=1"]
-    # the third write is resume.pt of iteration 1, saved once step 2's loss proved finite; die in the fourth
+    # the third write is ckpt_last.pt of iteration 1, saved once step 2's loss proved finite; die in the fourth
     killed = subprocess.run([sys.executable, "-c", KILLER, "atomic_write", "4", *flags], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert load_checkpoint(out / "resume.pt")["iter_num"] == 1
+    assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 1
     run_train(*flags)
     expected, got = load_checkpoint(straight_run / "ckpt_last.pt"), load_checkpoint(out / "ckpt_last.pt")
     for key, value in expected["model"].items():
@@ -121,18 +122,27 @@ def test_ckpt_interval_resume_pt_resumes_exactly(straight_run, hf_gpt2_dir, smal
     assert losses(out) == losses(straight_run)
 
 
-def test_overwrite_removes_the_old_run_before_writing(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+def test_overwrite_replaces_the_old_run_at_its_first_write(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "eval_test=true")
     assert (out / "results.json").exists()
-    # the same run started again with overwrite=true, killed before its first evaluation
-    killed = subprocess.run([sys.executable, "-c", KILLER, "validation_loss", "1",
-                             *tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "overwrite=true"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    old = {name: data for name, data in files(out).items() if name != ".lock"}
+    old_id = load_checkpoint(out / "ckpt.pt")["run_id"]
+    flags = [*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "overwrite=true", "seed=7"]
+    # the same run started again with overwrite=true, killed before its first evaluation: the old run is whole
+    killed = subprocess.run([sys.executable, "-c", KILLER, "validation_loss", "1", *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl"]  # nothing of the old run is left to mix
-    fails_with(capsys, 2, f"generate.py: error: no checkpoint at {out / 'ckpt.pt'}; make one with: python train.py "
-               f"out_dir={out}", generate.main, [f"out_dir={out}", "device=cpu"])
+    assert {name: data for name, data in files(out).items() if name != ".lock"} == old
+    # killed after its first checkpoints: only the new run's files, nothing of the old one left to mix
+    killed = subprocess.run([sys.executable, "-c", KILLER, "validation_loss", "2", *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl"]
+    new_ids = {load_checkpoint(out / name)["run_id"] for name in ("ckpt.pt", "ckpt_last.pt")}
+    assert len(new_ids) == 1 and old_id not in new_ids
+    assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 0  # killed in its second evaluation
+    assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
 def test_files_of_two_runs_are_refused_together(finished_run, hf_gpt2_dir, small_data_dir, tmp_path, capsys):
@@ -145,8 +155,8 @@ def test_files_of_two_runs_are_refused_together(finished_run, hf_gpt2_dir, small
     message = (f"these files belong to different runs: {out / 'ckpt.pt'} (run {ids[0]}), "
                f"{out / 'ckpt_last.pt'} (run {ids[1]})")
     fails_with(capsys, 2, f"generate.py: error: {message}", generate.main, [f"out_dir={out}", "device=cpu"])
-    resume_message = (f"these files belong to different runs: {out / 'resume.pt'} (run {ids[0]}), "
-                      f"{out / 'ckpt_last.pt'} (run {ids[1]})")
+    resume_message = (f"these files belong to different runs: {out / 'ckpt_last.pt'} (run {ids[1]}), "
+                      f"{out / 'ckpt.pt'} (run {ids[0]})")
     fails_with(capsys, 2, f"train.py: error: {resume_message}", run_train, "init_from=resume", f"out_dir={out}",
                "max_iters=6")
 
@@ -207,8 +217,8 @@ def test_a_key_in_wandb_api_json_cannot_be_committed():
     (["out_dir="], "out_dir is empty: name a directory for the run's files"),
     (["out_dir=/sys/run"], "out_dir='/sys/run' cannot be written: /sys: "),
     (["seed=99999999999999999999"], "seed=99999999999999999999: must be in [0, 2**32)"),
-    (["lora_alpha=0"], "lora_alpha=0.0: must be positive (the update is scaled by alpha / rank)"),
-    (["lora_alpha=-4"], "lora_alpha=-4.0: must be positive (the update is scaled by alpha / rank)"),
+    (["lora_alpha=0"], "lora_alpha=0.0: must be positive"),
+    (["lora_alpha=-4"], "lora_alpha=-4.0: must be positive"),
 ])
 def test_more_bad_flags_stop_before_loading_anything(flags, message, tmp_path, capsys, monkeypatch):
     import model
@@ -285,10 +295,10 @@ def test_damaged_checkpoints_are_one_line(finished_run, capsys, damage, message)
     assert err.count("\n") == 1 and "pickled code" not in err
 
 
-def test_an_empty_resume_pt_is_one_line(finished_run, hf_gpt2_dir, small_data_dir, capsys):
+def test_an_empty_ckpt_last_pt_is_one_line(finished_run, hf_gpt2_dir, small_data_dir, capsys):
     out, _ = finished_run
-    (out / "resume.pt").write_bytes(b"")
-    fails_with(capsys, 2, f"train.py: error: {out / 'resume.pt'} is corrupt or truncated (an empty file)",
+    (out / "ckpt_last.pt").write_bytes(b"")
+    fails_with(capsys, 2, f"train.py: error: {out / 'ckpt_last.pt'} is corrupt or truncated (an empty file)",
                run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
 
 

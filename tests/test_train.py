@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import ROOT, run_train
-from checkpoint import base_fingerprint, load_checkpoint, load_model
+from runs import base_fingerprint, load_checkpoint, load_model
 from model import GPT
 
 EVALUATION_KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
+RESUME_KEYS = EVALUATION_KEYS | {"optimizer", "scaler", "rng"}
 LORA_NAMES = {f"transformer.h.{i}.attn.{p}_attn.lora_{m}" for i in range(2) for p in "qkv" for m in "AB"}
 
 
@@ -26,7 +27,7 @@ def test_lora_run_stores_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path
     out = tmp_path / "lora"
     run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=4",
               "rank=8", "alpha=32", "lr=1e-2")
-    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl"]
     captured = capsys.readouterr()
     printed = captured.out
     assert "trainable parameters: 6,144 of 3,339,072 (0.18%)" in printed
@@ -38,24 +39,23 @@ def test_lora_run_stores_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path
     assert f"checkpoints: {out / 'ckpt.pt'} (best), {out / 'ckpt_last.pt'} (last)" in printed
     assert "validation:" in captured.err  # validation shows its progress
     base = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=32.0))
-    for name in ("ckpt.pt", "ckpt_last.pt"):
+    for name, keys, copies in (("ckpt.pt", EVALUATION_KEYS, 1), ("ckpt_last.pt", RESUME_KEYS, 3)):
         ckpt = load_checkpoint(out / name)
-        assert set(ckpt) == EVALUATION_KEYS  # no optimizer state: these are for evaluation
+        assert set(ckpt) == keys  # the best for evaluation; the last also to resume from (AdamW, random state)
         assert set(ckpt["model"]) == LORA_NAMES
         assert ckpt["base"] == dict(init_from=str(hf_gpt2_dir), fingerprint=base_fingerprint(base))
         assert ckpt["model_args"]["lora_rank"] == 8 and ckpt["config"]["lora_alpha"] == 32.0
-        # the file is the adapters' bytes (6 x 2 x 8 x 64 float32) plus a small overhead
+        # the file is the adapters' bytes (6 x 2 x 8 x 64 float32), for ckpt_last.pt with their two AdamW
+        # moments, plus a small overhead
         assert tensor_bytes(ckpt["model"]) == 24_576
-        assert 0 < (out / name).stat().st_size - 24_576 < 12_000
+        assert 0 < (out / name).stat().st_size - copies * 24_576 < 24_000
         model = load_model(ckpt)
         for key, value in model.state_dict().items():  # the base comes back from init_from, exactly
             expected = ckpt["model"][key] if key in LORA_NAMES else base.state_dict()[key]
             assert torch.equal(value, expected), key
     last = load_checkpoint(out / "ckpt_last.pt")
     assert last["iter_num"] == 4 and all(t.any() for k, t in last["model"].items() if k.endswith("lora_B"))
-    resume = load_checkpoint(out / "resume.pt")  # finished: optimizer here, weights in ckpt_last.pt
-    assert resume["model"] == {} and resume["weights_in"] == "ckpt_last.pt" and resume["iter_num"] == 4
-    assert len(resume["optimizer"]["state"]) == 12
+    assert len(last["optimizer"]["state"]) == 12 and set(last["rng"]) == {"cpu", "cuda"}
     rows = metrics(out)
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4]
     assert all(r["val_time"] > 0 for r in rows if "val_loss" in r)
@@ -65,8 +65,8 @@ def test_lora_run_stores_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path
     assert best["best_val_loss"] == last["best_val_loss"]
 
 
-def test_resume_pt_of_an_unfinished_run_holds_adapters_and_optimizer(hf_gpt2_dir, small_data_dir, tmp_path,
-                                                                      monkeypatch):
+def test_ckpt_last_of_an_unfinished_run_is_its_latest_evaluated_state(hf_gpt2_dir, small_data_dir, tmp_path,
+                                                                       monkeypatch):
     import train
     real, calls = train.validation_loss, []
 
@@ -79,11 +79,11 @@ def test_resume_pt_of_an_unfinished_run_holds_adapters_and_optimizer(hf_gpt2_dir
     out = tmp_path / "lora"
     with pytest.raises(RuntimeError, match="stopped"):
         run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=4", "rank=8")
-    resume = load_checkpoint(out / "resume.pt")
-    assert resume["iter_num"] == 2 and "weights_in" not in resume and set(resume["model"]) == LORA_NAMES
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl"]
+    resume = load_checkpoint(out / "ckpt_last.pt")
+    assert resume["iter_num"] == 2 and set(resume) == RESUME_KEYS and set(resume["model"]) == LORA_NAMES
     assert len(resume["optimizer"]["state"]) == 12 and set(resume["rng"]) == {"cpu", "cuda"}
-    # adapters with their two AdamW moments, plus a small overhead
-    assert 0 < (out / "resume.pt").stat().st_size - 3 * tensor_bytes(resume["model"]) < 24_000
+    assert resume["best_val_loss"] == load_checkpoint(out / "ckpt.pt")["best_val_loss"]
 
 
 def test_full_fine_tuning_stores_every_weight_once(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
@@ -92,9 +92,12 @@ def test_full_fine_tuning_stores_every_weight_once(hf_gpt2_dir, small_data_dir, 
     assert "trainable parameters: 3,332,928 of 3,332,928 (100.00%)" in capsys.readouterr().out
     start = GPT.from_pretrained(str(hf_gpt2_dir)).state_dict()
     final = load_checkpoint(out / "ckpt_last.pt")
-    assert set(final) == EVALUATION_KEYS and final["base"] is None  # self-contained
+    assert set(final) == RESUME_KEYS and final["base"] is None  # self-contained
     assert set(final["model"]) == set(start) - {"lm_head.weight"}  # the tied embedding is stored once
-    assert 0 < (out / "ckpt_last.pt").stat().st_size - tensor_bytes(final["model"]) < 40_000
+    best = load_checkpoint(out / "ckpt.pt")
+    assert set(best) == EVALUATION_KEYS and set(best["model"]) == set(final["model"])
+    assert 0 < (out / "ckpt.pt").stat().st_size - tensor_bytes(best["model"]) < 40_000
+    assert 0 < (out / "ckpt_last.pt").stat().st_size - 3 * tensor_bytes(final["model"]) < 80_000
     for key in ("transformer.h.0.attn.q_attn.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.wte.weight"):
         assert not torch.equal(final["model"][key], start[key]), key
     model = load_model(final)
@@ -159,7 +162,7 @@ def test_resume_refuses_a_different_architecture(hf_gpt2_dir, small_data_dir, tm
         run_train("init_from=resume", f"out_dir={out}", "rank=16", "max_iters=2")
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"train.py: error: lora_rank=16 differs from the checkpoint's lora_rank=8 in {out / 'resume.pt'}; "
+        f"train.py: error: lora_rank=16 differs from the checkpoint's lora_rank=8 in {out / 'ckpt_last.pt'}; "
         "drop the flag or use a new out_dir")
     assert {p: p.read_bytes() for p in out.iterdir()} == before
 
@@ -172,7 +175,7 @@ def test_torchrun_two_processes_on_cpu(hf_gpt2_dir, small_data_dir, tmp_path):
            "lora_dropout=0"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "resume.pt"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl"]
     assert result.stdout.count("no wandb key") == 1  # only rank 0 speaks and writes
     # two processes of 4 examples each take the same step as one process of 8
     run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'one'}", "max_iters=2",
@@ -195,5 +198,5 @@ def test_wandb_offline_never_shows_the_key(hf_gpt2_dir, small_data_dir, tmp_path
     for path in out.iterdir():
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
-    for name in ("ckpt.pt", "ckpt_last.pt", "resume.pt"):
+    for name in ("ckpt.pt", "ckpt_last.pt"):
         assert key not in json.dumps(load_checkpoint(out / name)["config"])

@@ -1,0 +1,621 @@
+"""The run harness: what keeps a run's directory (out_dir) safe and its results whole. Not part of
+the homework; train.py and generate.py call it in a few lines:
+
+    with runs.reported_errors("train.py", debug):    # a mistake is one line and exit status 2
+        run = runs.open_run(config, explicit, ...)   # lock out_dir, then start afresh or resume
+        run.log(iter=..., val_loss=...)              # metrics.jsonl (and wandb), the progress bar
+        run.save("ckpt.pt", model, ...)              # a checkpoint, written atomically
+        run.finish(...)
+
+One process at a time holds an out_dir (a kernel lock, released however the process ends). A
+checkpoint holds the trained tensors only: for a LoRA run the A and B matrices (lora_state_dict)
+and the identity of the base model they apply to; for full fine-tuning every weight. ckpt.pt is the
+best validation loss; ckpt_last.pt the latest state, with AdamW and random state to resume from.
+Every file carries the run's id; files are written atomically and loaded without pickled code.
+"""
+import contextlib
+import difflib
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import socket
+import stat
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+
+from configurator import TRUE, UsageError, fail, is_local_path
+from lora import lora_state_dict, mark_only_lora_as_trainable
+from model import GPT, GPT2_SIZES, GPTConfig
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; out_dir is not guarded there
+    fcntl = None
+
+CHECKPOINT_VERSION = 3
+KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
+RESUME_KEYS = {"optimizer", "scaler", "rng"}  # ckpt_last.pt holds these too: it is where a run resumes
+RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "results.json", "predictions.json", "last_evaluation.json",
+             "last_predictions.json")
+MACHINE = ("out_dir", "device", "dtype", "compile", "debug")  # flags of this command, never a resumed run's
+ARCHITECTURE = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block_size")
+KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once: new files get the usual permissions, not mkstemp's owner-only ones
+
+
+class CheckpointError(UsageError):
+    """A checkpoint file that cannot be used; the message says why."""
+
+
+class Diverged(RuntimeError):
+    """The loss or the weights are no longer finite: rerunning the same command will not help."""
+
+
+@contextlib.contextmanager
+def reported_errors(program, debug=False):
+    """A mistake the user can fix (flags, data, files, disks) becomes one line and exit status 2; a
+    diverged run one line and exit status 1. debug=True shows the traceback instead."""
+    from dataloader import DataError
+    try:
+        yield
+    except (UsageError, DataError, OSError, Diverged) as e:
+        if debug:
+            raise
+        if isinstance(e, Diverged):
+            print(f"{program}: error: {e}", file=sys.stderr)
+            sys.exit(1)
+        fail(program, str(e))
+
+
+# -----------------------------------------------------------------------------
+# where weights and data come from
+
+def check_source(flag, name):
+    """Before anything is loaded: a directory named by flag must exist; where the hub cannot be
+    reached, the Hugging Face libraries are told to use their local cache at once instead of
+    retrying for a minute (so call it before they are imported)."""
+    if is_local_path(name):
+        if not os.path.isdir(name):
+            raise UsageError(f"{flag}={name!r}: no such directory")
+    elif not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; the libraries find out themselves
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def naming_flag(flag, name):
+    """Weights that cannot be loaded: one line that names the flag that fixes it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        close = difflib.get_close_matches(name, GPT2_SIZES, n=1, cutoff=0.8)
+        hint = f"did you mean {flag}={close[0]}?" if close and close[0] != name else f"a local copy works too: {flag}=DIR"
+        raise UsageError(f"{flag}={name!r}: {e}; {hint}") from None
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+
+
+# -----------------------------------------------------------------------------
+# checkpoint files
+
+def atomic_write(path, write):
+    """Write path through a new temporary file beside it, then rename that into place: a kill or
+    a failed write leaves the previous file intact, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~UMASK)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        os.remove(tmp)
+        cause = e  # torch.save reports a failed write (a full disk) as a RuntimeError caused by the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise OSError(f"could not write {path} ({cause.strerror or cause}); the previous file, if any, "
+                          "is intact") from None
+        raise
+
+
+def save_checkpoint(path, checkpoint):
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+def trained_state(model):
+    """What a run trains: the LoRA matrices, or every weight (the tied lm_head once, as wte)."""
+    if model.config.lora_rank > 0:
+        return lora_state_dict(model)
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def base_fingerprint(model):
+    """Identity of the frozen weights a LoRA checkpoint applies to: every tensor's name and shape,
+    and an evenly spaced sample of its values (a fine-tune changes nearly all of them)."""
+    if any(getattr(m, "has_weights_merged", False) for m in model.modules()):
+        raise RuntimeError("the base weights have LoRA merged into them; call model.train() first")
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not name.endswith(("lora_A", "lora_B")):
+            sample = t.detach().flatten()[::max(1, t.numel() // 1024)]
+            digest.update(f"{name}{tuple(t.shape)}".encode() + sample.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """A checkpoint of this project, loaded with weights_only=True: tensors and plain data, never
+    pickled code. mmap: tensors mapped from the file, read only where used."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e).upper():
+            raise CheckpointError(f"{path} needs pickled code to load; refused (only tensors and "
+                                  "plain data are loaded, for safety)") from None
+        reason = "an empty file" if os.path.getsize(path) == 0 else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is corrupt or truncated ({reason})") from None
+    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint of this project")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('version')!r}; "
+                              f"this code reads format {CHECKPOINT_VERSION}")
+    if not KEYS <= set(checkpoint):
+        raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(KEYS - set(checkpoint)))}")
+    if not isinstance(checkpoint["model"], dict) or not all(torch.is_tensor(t) for t in checkpoint["model"].values()):
+        raise CheckpointError(f"{path} is incomplete: its 'model' is not a set of tensors")
+    return checkpoint
+
+
+def same_run(checkpoints):
+    """Refuse files of different runs (an overwritten run's leftovers, files copied between runs)."""
+    ids = {path: c["run_id"] for path, c in checkpoints.items()}
+    if len(set(ids.values())) > 1:
+        raise CheckpointError("these files belong to different runs: " +
+                              ", ".join(f"{path} (run {run_id})" for path, run_id in ids.items()))
+
+
+def load_model(checkpoint, base=None):
+    """The model a checkpoint describes. A LoRA checkpoint is applied to its base model (its
+    init_from, or base= where the same weights are elsewhere), which must be the one it trained on."""
+    try:
+        config = GPTConfig(**checkpoint["model_args"])
+    except TypeError as e:
+        raise CheckpointError(f"the checkpoint's model_args are not this model's settings ({e})") from None
+    if config.n_embd % config.n_head or (config.lora_rank > 0) != (checkpoint["base"] is not None):
+        raise CheckpointError(f"the checkpoint's model_args are inconsistent: {checkpoint['model_args']}")
+    if checkpoint["base"] is None:
+        model = GPT.uninitialized(config)
+    else:
+        base = base or checkpoint["base"]["init_from"]
+        check_source("base", base)
+        with naming_flag("base", base):
+            model = GPT.from_pretrained(base, dict(dropout=config.dropout, lora_rank=config.lora_rank,
+                                                   lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
+        differs = next((k for k, v in asdict(model.config).items() if checkpoint["model_args"][k] != v), None)
+        if differs:
+            raise CheckpointError(f"the checkpoint's model_args have {differs}={checkpoint['model_args'][differs]!r}, "
+                                  f"its base model {differs}={getattr(model.config, differs)!r}")
+        if base_fingerprint(model) != checkpoint["base"]["fingerprint"]:
+            raise CheckpointError(f"the adapter was trained on {checkpoint['base']['init_from']} (weights "
+                                  f"{checkpoint['base']['fingerprint']}), not on {base} (weights "
+                                  f"{base_fingerprint(model)}); give the base it was trained on")
+        mark_only_lora_as_trainable(model)
+    load_trained(model, checkpoint)
+    return model
+
+
+def load_trained(model, checkpoint):
+    """Copy a checkpoint's trained tensors into model (a model of the same run's shape)."""
+    model.train()  # LoRA unmerged first: eval() merges the new A and B afresh
+    state, expected = checkpoint["model"], trained_state(model)
+    if set(state) != set(expected):
+        raise CheckpointError(f"the checkpoint's tensors do not match the model: {len(set(state) - set(expected))} "
+                              f"unexpected, {len(set(expected) - set(state))} missing")
+    wrong = next((name for name, t in state.items() if t.shape != expected[name].shape), None)
+    if wrong:
+        raise CheckpointError(f"the checkpoint's {wrong} has shape {tuple(state[wrong].shape)}, the model's "
+                              f"{tuple(expected[wrong].shape)}: its tensors and model_args disagree")
+    model.load_state_dict(state, strict=False)
+
+
+# -----------------------------------------------------------------------------
+# the run directory
+
+def check_out_dir(out_dir):
+    """Fail before any work where out_dir cannot hold a run's files."""
+    if not out_dir.strip():
+        raise UsageError("out_dir is empty: name a directory for the run's files")
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        raise UsageError(f"out_dir={out_dir!r} is a symbolic link to {os.readlink(out_dir)!r}, which does not exist")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"out_dir={out_dir!r} is a file, not a directory")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"out_dir={out_dir!r} cannot be created: {existing} is a file")
+    try:  # permissions, a read-only disk: only trying tells
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".probe-"))
+    except OSError as e:
+        raise UsageError(f"out_dir={out_dir!r} cannot be written: {existing}: {e.strerror}") from None
+
+
+class Run:
+    """out_dir, held by this process until close(): a kernel lock on out_dir/.lock that a second
+    process is refused. A missing out_dir is made first, and removed at close if nothing was written."""
+
+    def __init__(self, out_dir, program, create=True, lock=True):
+        self.out_dir, self.made, self.lock_fd = out_dir, [], None
+        check_out_dir(out_dir)
+        missing = os.path.abspath(out_dir)
+        while create and not os.path.exists(missing):
+            self.made.append(missing)
+            missing = os.path.dirname(missing)
+        for path in reversed(self.made):
+            with contextlib.suppress(FileExistsError):  # another process may make it at the same moment
+                os.mkdir(path)
+        if lock and os.path.isdir(out_dir):
+            self.lock_fd = take_lock(out_dir, program)
+
+    def path(self, name):
+        return os.path.join(self.out_dir, name)
+
+    def close(self):
+        if self.lock_fd is None:
+            return
+        if self.made and os.listdir(self.out_dir) == [".lock"]:  # stopped before it wrote anything
+            os.remove(self.path(".lock"))
+            for path in self.made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+        os.close(self.lock_fd)
+        self.lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def checkpoints(self, which):
+        """[(name, checkpoint)] of ckpt.pt ("best") and ckpt_last.pt ("last"), all of one run."""
+        found = {}
+        for key in which:
+            path = self.path(CHECKPOINTS[key][1])
+            if not os.path.isfile(path):
+                raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={self.out_dir}")
+            found[path] = load_checkpoint(path)
+        same_run(found)
+        return [(CHECKPOINTS[key][0], checkpoint) for key, checkpoint in zip(which, found.values())]
+
+    def write_results(self, run_id, split, rows, sets, complete):
+        """results.json and predictions.json keep a run's complete greedy test evaluations, one row per
+        checkpoint, method and reading, each replaced only by a newer one of its own. Anything else (a
+        subset, another split, sampling, a raw model beside a run's checkpoints) goes to
+        last_evaluation.json and last_predictions.json. Returns the results file's path."""
+        beside_a_run = run_id is None and any(os.path.exists(self.path(f)) for f in ("ckpt.pt", "ckpt_last.pt"))
+        names = ("results.json", "predictions.json") if complete and not beside_a_run else (
+            "last_evaluation.json", "last_predictions.json")
+        results_path, predictions_path = map(self.path, names)
+        old = read_json(results_path) if complete else None
+        if old and old.get("run_id") == run_id:  # keep the rows this evaluation does not replace
+            new = {row_key(r) for r in rows}
+            rows = [r for r in old["results"] if row_key(r) not in new] + rows
+            sets = [s for s in read_json(predictions_path) or [] if row_key(s) not in new] + sets
+        write_json(predictions_path, sets)
+        write_json(results_path, dict(run_id=run_id, split=split, complete=complete, results=rows))
+        return results_path
+
+
+CHECKPOINTS = {"best": ("Best Val Checkpoint", "ckpt.pt"), "last": ("Last Iter Checkpoint", "ckpt_last.pt")}
+
+
+def row_key(row):
+    return row["checkpoint"], row["method"], row["parse"]
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def hold(out_dir, program, create=False):
+    """out_dir held for reading and writing evaluations; made if missing where create is true."""
+    return Run(out_dir, program, create=create)
+
+
+def take_lock(out_dir, program):
+    """Lock out_dir/.lock, a regular file (never a link followed out of out_dir), and write into it
+    who holds it. Returns its file descriptor; the kernel releases the lock when the process ends."""
+    path = os.path.join(out_dir, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666 & ~UMASK)
+    except OSError as e:
+        raise UsageError(f"{path} cannot be opened as a lock file ({e.strerror}); remove it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{path} is not a regular file; remove it")
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(f"out_dir={out_dir!r} is in use by {holder}; wait for it to end or choose another "
+                             "out_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{program} (process {os.getpid()})\n".encode(), 0)
+    return fd
+
+
+# -----------------------------------------------------------------------------
+# a training run
+
+def open_run(config, explicit, program="train.py", master=True):
+    """Hold out_dir (master: the one process of a run that writes) and decide under the lock whether
+    to continue its interrupted run or start afresh. Returns a TrainingRun: its config is the run's
+    (a resumed run's own, with the flags given now on top) and its resume the checkpoint to resume
+    from, or None."""
+    run = TrainingRun(config.out_dir, program, create=master, lock=master)
+    try:
+        run.config, run.resume = start_or_resume(config, explicit, run)
+        check_config(run.config)
+    except BaseException:
+        run.close()
+        raise
+    run.master = master
+    run.run_id = run.resume["run_id"] if run.resume else uuid.uuid4().hex[:12]
+    run.base = run.resume["base"] if run.resume else None
+    if master:
+        print("".join(f"{k} = {v!r}\n" for k, v in vars(run.config).items()), end="")
+        if run.resume:
+            print(f"resuming {run.out_dir} at iteration {run.resume['iter_num']} of {run.config.max_iters}")
+    return run
+
+
+def check_config(config):
+    """What the flags alone cannot say: settings that disagree, sources that are missing."""
+    if config.n_embd % config.n_head:
+        raise UsageError(f"n_embd={config.n_embd}: must be a multiple of n_head={config.n_head}")
+    if config.init_from != "scratch":  # a missing directory, or an unreachable hub, is found out now
+        check_source("init_from", config.init_from)
+    check_source("dataset", config.dataset)
+
+
+def start_or_resume(config, explicit, run):
+    """(config, checkpoint to resume from or None): continue out_dir's interrupted run where the
+    flags ask for it; start afresh only where that destroys no earlier run."""
+    if config.overwrite and (config.resume == "auto" or config.init_from == "resume"):
+        raise UsageError("overwrite=true contradicts resume=auto and init_from=resume: give one of them")
+    if config.init_from == "resume" or (config.resume == "auto" and os.path.isfile(run.path("ckpt_last.pt"))):
+        return resume_config(config, explicit, run)
+    if config.overwrite:
+        return config, None
+    holds_run = any(os.path.exists(run.path(f)) for f in ("ckpt.pt", "ckpt_last.pt", "results.json"))
+    if config.resume == "off" and holds_run:
+        raise UsageError(f"out_dir={run.out_dir!r} holds an earlier run; continue it with resume=auto, "
+                         "replace it with overwrite=true, or choose another out_dir")
+    # a run killed before its first ckpt_last.pt (only an iteration-0 ckpt.pt) holds nothing a restart loses
+    best = run.path("ckpt.pt")
+    if os.path.exists(run.path("results.json")) or (os.path.isfile(best) and load_checkpoint(best)["iter_num"] > 0):
+        raise UsageError(f"out_dir={run.out_dir!r} holds a run but no ckpt_last.pt to continue it from; nothing was "
+                         "changed: replace the run with overwrite=true, or choose another out_dir")
+    return config, None
+
+
+def resume_config(config, explicit, run):
+    """The interrupted run's config, with the flags given now on top; its architecture must match,
+    and every run file in out_dir must be whole and of that run."""
+    path = run.path("ckpt_last.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"init_from=resume: no {path} to resume from; start the run with: python train.py "
+                         f"out_dir={run.out_dir}")
+    state = load_checkpoint(path)
+    if not RESUME_KEYS <= set(state):
+        raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(RESUME_KEYS - set(state)))}")
+    best = run.path("ckpt.pt")
+    if not os.path.isfile(best):
+        raise CheckpointError(f"{path} has no {best} beside it; continue the run from a whole copy of its out_dir")
+    same_run({path: state, best: load_checkpoint(best)})  # files of two runs never continue as one
+    saved = state["config"]
+    for key in ARCHITECTURE:
+        if key in explicit and getattr(config, key) != saved[key]:
+            raise UsageError(f"{key}={getattr(config, key)!r} differs from the checkpoint's {key}={saved[key]!r} "
+                             f"in {path}; drop the flag or use a new out_dir")
+    merged = SimpleNamespace(**dict(saved, **{k: getattr(config, k) for k in set(explicit) | set(MACHINE) if k != "init_from"}))
+    if "init_from" in explicit and config.init_from not in ("resume", saved["init_from"]):
+        if state["base"] is None:
+            raise UsageError(f"init_from={config.init_from!r} differs from the resumed run's init_from="
+                             f"{saved['init_from']!r}, and that run trains every weight, so it continues from its "
+                             "own; drop the flag or use a new out_dir")
+        merged.init_from = config.init_from  # the same base weights found elsewhere (checked on load)
+    return merged, state
+
+
+class TrainingRun(Run):
+    """The run train.py trains: its config, the checkpoint it resumes from, and what it writes."""
+    config = resume = base = run_id = bar = wandb = None
+    master, started = True, False
+
+    def restore(self, optimizer, scaler, device):
+        """(iter_num, best validation loss) to start from: a resumed run's, with its optimizer, loss
+        scaler and random state; (0, inf) for a new run. The clock and the progress bar start now."""
+        iter_num, best_val_loss = (self.resume["iter_num"], self.resume["best_val_loss"]) if self.resume else (0, math.inf)
+        self.rows = [r for r in read_metrics(self.path("metrics.jsonl")) if r["iter"] <= iter_num] if self.resume else []
+        self.t0 = time.time() - (self.rows[-1].get("elapsed", 0.0) if self.rows else 0.0)  # across sessions
+        if self.master:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.config.max_iters, initial=iter_num, desc="train", unit="step", file=sys.stderr)
+        if self.resume is None:
+            return iter_num, best_val_loss
+        asked = [{k: group[k] for k in ("lr", "betas", "weight_decay")} for group in optimizer.param_groups]
+        optimizer.load_state_dict(self.resume["optimizer"])
+        for group, hyperparameters in zip(optimizer.param_groups, asked):  # flags given now win over saved ones
+            group.update(hyperparameters)
+        scaler.load_state_dict(self.resume["scaler"])
+        if self.master:  # the other processes of a torchrun draw from their own seeds
+            torch.set_rng_state(self.resume["rng"]["cpu"])
+            if self.resume["rng"]["cuda"] is not None and device.startswith("cuda"):
+                torch.cuda.set_rng_state(self.resume["rng"]["cuda"], device)
+        return iter_num, best_val_loss
+
+    def save(self, name, model, iter_num, best_val_loss, optimizer=None, scaler=None, rng=None):
+        """Write a checkpoint of model's trained tensors (only the master process writes). With the
+        optimizer and loss scaler (ckpt_last.pt) it is a state to resume from, with rng the random
+        state to resume with (default: now)."""
+        if not self.master:
+            return
+        self._first_write()
+        if model.config.lora_rank > 0 and self.base is None:
+            self.base = dict(init_from=self.config.init_from, fingerprint=base_fingerprint(model))
+        checkpoint = dict(version=CHECKPOINT_VERSION, run_id=self.run_id, model=trained_state(model),
+                          model_args=asdict(model.config), base=self.base, iter_num=iter_num,
+                          best_val_loss=best_val_loss, config=vars(self.config))
+        if optimizer is not None:
+            device = str(next(model.parameters()).device)
+            checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng or rng_state(device))
+        if not all(bool(torch.isfinite(t).all()) for t in checkpoint["model"].values()):
+            raise Diverged(f"the weights are not finite at iteration {iter_num}; checkpoints left as they were")
+        save_checkpoint(self.path(name), checkpoint)
+
+    def log(self, **row):
+        """One row of metrics.jsonl (and wandb) with the time since the run began; a training row
+        moves the progress bar, a validation row is printed."""
+        if not self.master:
+            return
+        self._first_write()
+        row["elapsed"] = round(time.time() - self.t0, 2)
+        with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            self.wandb.log({k: v for k, v in row.items() if k != "iter"}, step=row["iter"])
+        if "val_loss" in row:
+            self.bar.write(f"iter {row['iter']}: validation loss {row['val_loss']:.4f}")
+            self.bar.start_t += row.get("val_time", 0)  # the bar's rate and ETA count training steps only
+            self.bar.last_print_t += row.get("val_time", 0)
+        else:
+            self.bar.set_postfix(train_loss=f"{row['train_loss']:.4f}", tok_s=f"{row['tokens'] / row['step_time']:,.0f}",
+                                 refresh=False)
+            self.bar.update(row["iter"] - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:  # closed on an error too, so that it ends its line before the message
+            self.bar.close()
+        super().close()
+
+    def finish(self, iter_num, best_val_loss):
+        if not self.master:
+            return
+        self.bar.close()
+        print(f"done: iteration {iter_num} of {self.config.max_iters}, {time.time() - self.t0:.1f} s in all; best "
+              f"validation loss {best_val_loss:.4f}\ncheckpoints: {self.path('ckpt.pt')} (best), "
+              f"{self.path('ckpt_last.pt')} (last); metrics.jsonl beside them")
+        if self.wandb:
+            self.wandb.finish()
+
+    def tested(self):
+        """Whether results.json holds this run's test accuracy of both checkpoints as they are."""
+        results = read_json(self.path("results.json")) or {}
+        names = {r["checkpoint"] for r in results.get("results", []) if (r["method"], r["parse"]) == ("generate", "near_start")}
+        return results.get("run_id") == self.run_id and {name for name, _ in CHECKPOINTS.values()} <= names
+
+    def _first_write(self):
+        """Before the first write: a new run removes an earlier run's files (now that every check has
+        passed), a resumed one drops the metrics past its iteration; then logging starts."""
+        if self.started:
+            return
+        self.started = True
+        for name in RUN_FILES + tuple(os.listdir(self.out_dir)):
+            temporary = re.fullmatch(r"\.(.+)\.\w+\.tmp", name)  # left by a process killed while writing
+            if (self.resume is None and name in RUN_FILES) or (temporary and temporary[1] in RUN_FILES):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path(name))
+        atomic_write(self.path("metrics.jsonl"), lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.rows).encode()))
+        self.wandb = start_wandb(self.config)
+
+
+def rng_state(device):
+    """The random state: where dropout and data order draw from (to resume exactly)."""
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; a line torn by a kill, or that is not a row of ours, is skipped."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(json.JSONDecodeError):
+                    row = json.loads(line)
+                    if isinstance(row, dict) and type(row.get("iter")) is int:
+                        rows.append(row)
+    return rows
+
+
+def wandb_key():
+    key = os.environ.get("WANDB_API_KEY", "")
+    if not key and os.path.isfile(KEY_FILE):
+        try:
+            with open(KEY_FILE, encoding="utf-8") as f:
+                key = json.load(f).get("wandb_api_key", "")
+        except (OSError, ValueError, AttributeError):
+            print("warning: wandb_api.json is unreadable; ignoring it", file=sys.stderr)
+    return key
+
+
+def start_wandb(config):
+    """A wandb run when a key is configured or wandb_log is on, else None. Failure only warns."""
+    key = wandb_key()
+    if not (key or config.wandb_log):
+        print(f"no wandb key: logging locally to {os.path.join(config.out_dir, 'metrics.jsonl')}")
+        return None
+    try:
+        import wandb
+        if key:
+            os.environ["WANDB_API_KEY"] = key  # read by wandb itself; never printed or saved by us
+        return wandb.init(project=config.wandb_project, dir=config.out_dir, config=vars(config),
+                          name=config.wandb_run_name or os.path.basename(os.path.abspath(config.out_dir)))
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        print(f"warning: wandb is unavailable ({type(e).__name__}: {reason}); logging locally only", file=sys.stderr)
+        return None
