@@ -231,13 +231,13 @@ def bench_evaluation(shape, loader, config, device, dtype):
         work()
         synchronize(device)
         return time.perf_counter() - start
-    validation = SimpleNamespace(eval_batch_size=train.FLAGS["eval_batch_size"][0], eval_iters=0)
     for share, who in ((True, "ours"), (False, "ours, no sharing")):  # the prompts' common start once per batch, or not
+        validation = SimpleNamespace(eval_batch_size=train.FLAGS["eval_batch_size"][0], eval_iters=0, share_prefix=share)
         rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who=who, seconds=seconds(
             lambda: generate.predict_labels(ours, records, batch_size=config.eval_batch_size, device=device, dtype=dtype,
                                             share_prefix=share))))
         rows.append(dict(what=f"validation loss, {len(loader.examples['validation'])} reviews", who=who, seconds=seconds(
-            lambda: train.validation_loss(ours, loader, validation, device=device, dtype=dtype, share_prefix=share))))
+            lambda: train.validation_loss(ours, loader, validation, device=device, dtype=dtype))))
     ours.eval()
 
     def hf_generate(batch):

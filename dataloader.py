@@ -48,6 +48,29 @@ def get_sentiment_prompt(text, label=None, template="default"):
     return prompt + LABEL_WORDS[label]
 
 
+def encode_prompt(text, template="default", max_tokens=None):
+    """The prompt's token ids, the review cut short (never the template) where they would pass max_tokens."""
+    enc = get_tokenizer()
+    ids = enc.encode_ordinary(get_sentiment_prompt(text, template=template))
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids
+    words = enc.encode_ordinary(text)
+    while len(ids) > max_tokens and words:
+        words = words[:max(0, len(words) - (len(ids) - max_tokens))]
+        ids = enc.encode_ordinary(get_sentiment_prompt(enc.decode(words), template=template))
+    if len(ids) > max_tokens:
+        raise DataError(f"the '{template}' template alone is longer than {max_tokens} tokens")
+    return ids
+
+
+def check_prompt_room(template, block_size, generated):
+    """Fail early where the model's context cannot hold a prompt and the tokens generated after it."""
+    needed = len(encode_prompt("x", template))
+    if needed + generated > block_size:
+        raise DataError(f"the '{template}' prompt needs {needed} tokens and {generated} more are generated, "
+                        f"more than the model's {block_size}-token context")
+
+
 def sample(items, n, seed=0):
     """n of items drawn at random, in their order, the same n every time; all of them where n is 0
     (or more than there are). The splits are sorted by label, so their first rows would not do."""
@@ -63,40 +86,7 @@ def by_length(items, batch_size, length=len):
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def encode_prompts(texts, template="default", max_tokens=None):
-    """Token ids of the prompt of each review, the review cut short (never the template) where
-    the prompt would pass max_tokens. Returns (list of ids, number truncated)."""
-    enc = get_tokenizer()
-    prompts = [enc.encode_ordinary(get_sentiment_prompt(t, template=template)) for t in texts]
-    truncated = 0
-    for i, ids in enumerate(prompts):
-        if max_tokens is not None and len(ids) > max_tokens:
-            prompts[i] = _truncate(texts[i], template, max_tokens)
-            truncated += 1
-    return prompts, truncated
-
-
-def _truncate(text, template, max_tokens):
-    enc = get_tokenizer()
-    text_ids = enc.encode_ordinary(text)
-    ids = enc.encode_ordinary(get_sentiment_prompt(text, template=template))
-    while len(ids) > max_tokens and text_ids:
-        text_ids = text_ids[:max(0, len(text_ids) - (len(ids) - max_tokens))]
-        ids = enc.encode_ordinary(get_sentiment_prompt(enc.decode(text_ids), template=template))
-    if len(ids) > max_tokens:
-        raise DataError(f"the '{template}' template alone is longer than {max_tokens} tokens")
-    return ids
-
-
-def check_prompt_room(template, block_size, generated):
-    """Fail early where the model's context cannot hold a prompt and the tokens generated after it."""
-    needed = len(get_tokenizer().encode_ordinary(get_sentiment_prompt("x", template=template)))
-    if needed + generated > block_size:
-        raise DataError(f"the '{template}' prompt needs {needed} tokens and {generated} more are generated, "
-                        f"more than the model's {block_size}-token context")
-
-
-def _check_record(rec, where):
+def _record(rec, where):
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object with 'text' and 'label'")
     if not isinstance(rec.get("text"), str) or not rec["text"].strip():
@@ -107,11 +97,11 @@ def _check_record(rec, where):
 
 
 def _read_jsonl(path, split):
-    if not os.path.isfile(path):
-        raise DataError(f"{split} split: {path} does not exist")
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise DataError(f"{split} split: {path} does not exist") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{split} split: {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
     records = []
@@ -122,7 +112,7 @@ def _read_jsonl(path, split):
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{split} split: {path}:{n}: malformed JSON ({e.msg})") from None
-        records.append(_check_record(rec, f"{split} split: {path}:{n}"))
+        records.append(_record(rec, f"{split} split: {path}:{n}"))
     if not records:
         raise DataError(f"{split} split: {path} holds no examples")
     return records
@@ -139,20 +129,14 @@ def load_rotten_tomatoes(dataset="rotten_tomatoes"):
     except Exception as e:
         raise DataError(f"cannot load dataset {dataset!r} from the hub ({str(e).splitlines()[0]}); give a local "
                         "copy instead: dataset=DIR, a directory with train.jsonl, validation.jsonl, test.jsonl") from None
-    splits = {}
-    for s in SPLITS:
-        if s not in hub or len(hub[s]) == 0:
-            raise DataError(f"{s} split: missing or empty in hub dataset {dataset}")
-        splits[s] = [_check_record(rec, f"{s} split: {dataset} row {n}") for n, rec in enumerate(hub[s])]
-    return splits
+    if any(s not in hub or len(hub[s]) == 0 for s in SPLITS):
+        raise DataError(f"hub dataset {dataset} lacks one of the splits {', '.join(SPLITS)}, or it is empty")
+    return {s: [_record(rec, f"{s} split: {dataset} row {n}") for n, rec in enumerate(hub[s])] for s in SPLITS}
 
 
 class CustomDataLoader:
-    """Tokenized splits and padded (x, y) batches.
-
-    Training order is an endless stream of per-epoch permutations drawn from seed, so the
-    examples of any step follow from the step number alone (which makes resuming exact).
-    """
+    """Tokenized splits and padded (x, y) batches. Training draws examples epoch after epoch, each
+    epoch a permutation drawn from seed + epoch: a step's examples follow from its number alone."""
 
     def __init__(self, dataset="rotten_tomatoes", block_size=1024, prompt_template="default",
                  mask_prompt=True, seed=1337):
@@ -173,31 +157,23 @@ class CustomDataLoader:
         where they would not fit the context, and how many of them are the prompt."""
         enc = get_tokenizer()
         ids = enc.encode_ordinary(rec["instr_tuned_text"]) + [enc.eot_token]
-        prompt = enc.encode_ordinary(get_sentiment_prompt(rec["text"], template=self.template))
+        prompt = encode_prompt(rec["text"], self.template)
         if ids[:len(prompt)] != prompt:
             raise DataError(f"instr_tuned_text must start with the prompt's tokens and add the answer after them "
                             f"(as 'Label:' then ' positive'), got {rec['instr_tuned_text'][-40:]!r}")
         if len(ids) > block_size + 1:  # x is ids[:-1], so the text may be one token longer than the context
             answer = ids[len(prompt):]
-            prompt = _truncate(rec["text"], self.template, block_size + 1 - len(answer))
+            prompt = encode_prompt(rec["text"], self.template, block_size + 1 - len(answer))
             ids = prompt + answer
             self.truncated += 1
         return ids, len(prompt)
 
-    def _permutation(self, epoch):
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.examples["train"]), generator=generator).tolist()
-
     def train_examples(self, start, count):
-        """Training examples start .. start+count-1 of the shuffled stream."""
+        """Training examples start .. start + count - 1 of the stream."""
         n = len(self.examples["train"])
-        out, epoch, perm = [], None, None
-        for i in range(start, start + count):
-            if i // n != epoch:
-                epoch = i // n
-                perm = self._permutation(epoch)
-            out.append(self.examples["train"][perm[i % n]])
-        return out
+        epochs = {e: torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()
+                  for e in range(start // n, (start + count - 1) // n + 1)}
+        return [self.examples["train"][epochs[i // n][i % n]] for i in range(start, start + count)]
 
     def collate(self, examples):
         """Right-padded inputs and shifted targets; padding (and, with mask_prompt, the
@@ -213,12 +189,8 @@ class CustomDataLoader:
                 y[row, :n_prompt - 1] = IGNORE_INDEX
         return x, y
 
-    def num_batches(self, split, batch_size, max_batches=0):
-        n = -(-len(self.examples[split]) // batch_size)
-        return min(n, max_batches) if max_batches else n
-
     def batches(self, split, batch_size, max_batches=0):
-        """(x, y) batches over a split, grouped by length to pad little; with max_batches > 0, over
+        """[(x, y)] over a split, grouped by length to pad little; with max_batches > 0, over
         max_batches x batch_size of its examples drawn at random (the same ones every time)."""
-        for batch in by_length(sample(self.examples[split], max_batches * batch_size), batch_size, lambda e: len(e[0])):
-            yield self.collate(batch)
+        examples = sample(self.examples[split], max_batches * batch_size)
+        return [self.collate(batch) for batch in by_length(examples, batch_size, lambda e: len(e[0]))]

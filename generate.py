@@ -1,13 +1,9 @@
-"""Test accuracy of a fine-tuned run's checkpoints, or zero-shot accuracy of a raw GPT-2.
+"""Test accuracy of a run's checkpoints, or zero-shot accuracy of a raw GPT-2.
 
     python generate.py out_dir=runs/r16_a64            # Best Val and Last Iter checkpoints
     python generate.py init_from=gpt2-medium           # zero-shot
-    python generate.py method=both                     # also the log-probability method
+    python generate.py method=both                     # also compare the label probabilities
     python generate.py out_dir=runs/r16_a64 text="an utterly charming film"   # classify your own reviews
-
-method=generate follows the handout: generate a few tokens after the prompt and read the label off
-their first characters (anything else counts as wrong). method=logprob compares the probabilities
-of " positive" and " negative" after the prompt, so it always answers.
 """
 import json
 import sys
@@ -18,7 +14,7 @@ from tqdm.auto import tqdm
 
 import runs
 from configurator import autocast, device_and_dtype, parse_flags
-from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, by_length, check_prompt_room, encode_prompts, get_tokenizer,
+from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, by_length, check_prompt_room, encode_prompt, get_tokenizer,
                         load_rotten_tomatoes, sample)
 from model import GPT
 
@@ -33,7 +29,7 @@ FLAGS = {  # name: (default, help[, allowed values])
     "split": ("test", "the split to evaluate", ("test", "validation")),
     "num_examples": (0, "evaluate N reviews of the split drawn at random (the same N every time); 0 = all", ">= 0"),
     "prompt_template": ("", "default: the checkpoint's, else default", ("",) + tuple(PROMPT_TEMPLATES)),
-    "method": ("generate", "generate (parse generated text), logprob (compare label probabilities) or both", ("generate", "logprob", "both")),
+    "method": ("generate", "generate: read the label off a few generated tokens, as the handout does; logprob: the likelier of ' positive' and ' negative' after the prompt (it always answers); both", ("generate", "logprob", "both")),
     "max_new_tokens": (5, "tokens generated per review (fewer where the answer ends)", "> 0"),
     "parse": ("near_start", "how an answer is read: near_start (the first of positive/negative within its first 20 characters, as the handout reads it) or first_word (its first word must be one)", ("near_start", "first_word")),
     "temperature": (0.0, "0 = greedy (the default: accuracy must not depend on luck)", ">= 0"),
@@ -50,16 +46,12 @@ NEAR_START = 20  # characters: the handout looks for the label in the first few 
 
 def parse_label(continuation, rule="near_start"):
     """1 for positive, 0 for negative, -1 for anything else: the one place an answer is read.
-
     near_start (the handout's reading): whichever of "positive" and "negative", in any case, begins
-    first within the answer's first 20 characters. So ' "positive"', " (negative)", " - positive"
-    and "\n\npositive" are answers, and so is " not positive" (1); " neutral" and "" are not.
-    first_word: the first word (a run of letters) after white space must be exactly one of the two.
-    So " Positive!" is 1, while " positively", " not positive" and ' "positive"' are -1.
-    """
+    first within the first 20 characters, so ' "positive"', "\n\npositive" and " not positive" are 1.
+    first_word: the first word after white space must be one of the two: " Positive!" is 1,
+    " positively", " not positive" and ' "positive"' are -1."""
     if rule == "first_word":
-        words = continuation.split()
-        word = words[0] if words else ""
+        word = (continuation.split() or [""])[0]
         letters = next((i for i, ch in enumerate(word) if not ch.isalpha()), len(word))
         return {"positive": 1, "negative": 0}.get(word[:letters].lower(), -1)
     text = continuation.lower()
@@ -78,7 +70,7 @@ def predict_labels(model, records, method="generate", *, prompt_template="defaul
     enc = get_tokenizer()
     generated = max_new_tokens if method == "generate" else 0
     check_prompt_room(prompt_template, model.config.block_size, generated)
-    prompts, _ = encode_prompts([r["text"] for r in records], prompt_template, model.config.block_size - generated)
+    prompts = [encode_prompt(r["text"], prompt_template, model.config.block_size - generated) for r in records]
     positive_id, negative_id = (enc.encode_ordinary(LABEL_WORDS[label])[0] for label in (1, 0))
     out = [dict(text=r["text"], label=r["label"]) for r in records]
     for batch in tqdm(by_length(range(len(prompts)), batch_size, lambda i: len(prompts[i])), leave=False,
@@ -91,7 +83,7 @@ def predict_labels(model, records, method="generate", *, prompt_template="defaul
                     out[i]["continuation"] = enc.decode([t for t in tokens if t != enc.eot_token])
                     out[i]["prediction"] = parse_label(out[i]["continuation"], parse)
             else:
-                logits = model.last_logits_batch([prompts[i] for i in batch], share_prefix=share_prefix).float()
+                logits = model.prefill([prompts[i] for i in batch], share_prefix)[0].float()
                 difference = logits[:, positive_id] - logits[:, negative_id]
                 for i, d, p in zip(batch, difference.tolist(), torch.sigmoid(difference).tolist()):
                     out[i].update(continuation=LABEL_WORDS[int(d > 0)], prediction=int(d > 0), p_positive=p)
@@ -112,7 +104,11 @@ def report_line(name, s):
             f"Unparseable: {s['unparseable']}")
 
 
-def evaluate(model, checkpoints, records, config, settings, device, dtype):
+def options(config):  # predict_labels' settings among the flags
+    return {k: getattr(config, k) for k in ("prompt_template", "max_new_tokens", "temperature", "top_k", "parse", "batch_size")}
+
+
+def evaluate(model, checkpoints, records, config, device, dtype):
     """The handout's line for each checkpoint (its trained tensors loaded into model) and method;
     returns (results rows, prediction sets)."""
     rows, sets = [], []
@@ -121,67 +117,40 @@ def evaluate(model, checkpoints, records, config, settings, device, dtype):
             runs.load_trained(model, checkpoint)
         for method in ("generate", "logprob") if config.method == "both" else (config.method,):
             start = time.time()
-            preds = predict_labels(model, records, method, device=device, dtype=dtype, prompt_template=settings["prompt_template"],
-                                   **{k: getattr(config, k) for k in ("max_new_tokens", "temperature", "top_k", "parse", "batch_size")})
+            preds = predict_labels(model, records, method, device=device, dtype=dtype, **options(config))
             seconds, summary = time.time() - start, summarize(preds)
             parse = config.parse if method == "generate" else None
             tag = f" [{method}]" if method == "logprob" else (f" [{parse}]" if parse != "near_start" else "")
             print(f"{report_line(name + tag, summary)}\n  {len(records)} reviews in {seconds:.1f} s "
                   f"({len(records) / seconds:.1f} reviews/s)")
-            rows.append(dict(checkpoint=name, method=method, parse=parse, settings=settings, seconds=round(seconds, 3), **summary))
+            rows.append(dict(checkpoint=name, method=method, parse=parse, seconds=round(seconds, 3), **summary,
+                             settings=dict(vars(config), device=runs.device_name(device))))
             sets.append(dict(checkpoint=name, method=method, parse=parse, records=preds))
     return rows, sets
 
 
-def classify(model, texts, config, settings, device, dtype):
+def classify(model, checkpoints, texts, config, device, dtype):
     """Print, for each review, the label read off the generated answer, p(positive) and the answer."""
     records = [dict(text=t, label=None) for t in texts]
-    options = {k: getattr(config, k) for k in ("max_new_tokens", "temperature", "top_k", "parse", "batch_size")}
-    answers, scores = (predict_labels(model, records, method, device=device, dtype=dtype,
-                                      prompt_template=settings["prompt_template"], **options) for method in ("generate", "logprob"))
-    for answer, score in zip(answers, scores):
-        print(f"{LABEL_NAMES[answer['prediction']]:<11}  p(positive)={score['p_positive']:.3f}  "
-              f"answer={json.dumps(answer['continuation'])}  {answer['text']}")
-
-
-def read_reviews(config):
-    """The reviews given with text= and file=: one per line ('\\n'; '-' is standard input)."""
-    texts = list(config.text)
-    try:
-        if config.file == "-":
-            texts += sys.stdin.read().split("\n")
-        elif config.file:
-            with open(config.file, encoding="utf-8", newline="") as f:
-                texts += f.read().split("\n")  # not splitlines(): U+0085 and the like stay inside a review
-    except (OSError, UnicodeDecodeError) as e:
-        raise runs.UsageError(f"file={config.file!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    texts = [t.strip() for t in texts if t.strip()]
-    if not texts:
-        raise runs.UsageError("text= and file= hold no review to classify")
-    return texts
+    for name, checkpoint in checkpoints:
+        if checkpoint is not None:
+            runs.load_trained(model, checkpoint)
+        if len(checkpoints) > 1:
+            print(name)
+        answers, scores = (predict_labels(model, records, method, device=device, dtype=dtype, **options(config))
+                           for method in ("generate", "logprob"))
+        for answer, score in zip(answers, scores):
+            print(f"{LABEL_NAMES[answer['prediction']]:<11}  p(positive)={score['p_positive']:.3f}  "
+                  f"answer={json.dumps(answer['continuation'])}  {answer['text']}")
 
 
 def test_accuracy(model, run, records, device, dtype):
-    """train.py's last step: the test accuracy of the run's two checkpoints, greedy, as generate.py's."""
+    """train.py's last step: the test accuracy of the run's two checkpoints, as generate.py's default."""
     c = run.config
-    config, _ = parse_flags("generate.py", FLAGS, [f"out_dir={c.out_dir}", f"batch_size={c.eval_batch_size}", f"seed={c.seed}"])
-    settings = dict(init_from=c.init_from, dataset=c.dataset, prompt_template=c.prompt_template, seed=c.seed,
-                    device=runs.device_name(device))
-    rows, sets = evaluate(model, run.checkpoints(("best", "last")), records, config, settings, device, dtype)
-    print(f"results: {run.write_results(run.run_id, 'test', rows, sets, complete=True)} and predictions.json")
-
-
-def load_models(config, run):
-    """(model, [(name, checkpoint)], run id, the run's config): the run's checkpoints, whose trained
-    tensors evaluate() loads into one model of their base in turn, or a raw GPT-2 (zero-shot)."""
-    if config.init_from != "resume":
-        runs.check_source("init_from", config.init_from)
-        with runs.naming_flag("init_from", config.init_from):
-            model = GPT.from_pretrained(config.init_from)
-        return model, [("Zero-shot " + config.init_from, None)], None, {}
-    checkpoints = run.checkpoints(("best", "last") if config.ckpt == "both" else (config.ckpt,))
-    first = checkpoints[0][1]
-    return runs.load_model(first, config.base or None), checkpoints, first["run_id"], first["config"]
+    config, _ = parse_flags("generate.py", FLAGS, [f"out_dir={c.out_dir}", f"dataset={c.dataset}", f"seed={c.seed}",
+                                                   f"prompt_template={c.prompt_template}", f"batch_size={c.eval_batch_size}"])
+    rows, sets = evaluate(model, run.checkpoints(("best", "last")), records, config, device, dtype)
+    print(f"results: {run.write_results(rows, sets, config)} and predictions.json")
 
 
 def main(argv):
@@ -192,29 +161,28 @@ def main(argv):
         own_reviews = bool(config.text or config.file)
         if own_reviews and "ckpt" not in explicit:
             config.ckpt = "best"
-        texts = read_reviews(config) if own_reviews else None
+        texts = runs.read_reviews(config.text, config.file) if own_reviews else None
         with runs.hold(config.out_dir, "generate.py", create=not own_reviews) as run:
-            model, checkpoints, run_id, trained_with = load_models(config, run)
+            if config.init_from == "resume":  # the run's checkpoints: one base model, their tensors loaded in turn
+                model, checkpoints = run.load_checkpoints(("best", "last") if config.ckpt == "both" else (config.ckpt,),
+                                                          config.base)
+            else:  # zero-shot
+                runs.check_source("init_from", config.init_from)
+                with runs.loading_weights("init_from", config.init_from):
+                    model, checkpoints = GPT.from_pretrained(config.init_from), [("Zero-shot " + config.init_from, None)]
+            trained_with = checkpoints[0][1]["config"] if config.init_from == "resume" else {}
+            config.dataset = config.dataset or trained_with.get("dataset", "rotten_tomatoes")
+            config.prompt_template = config.prompt_template or trained_with.get("prompt_template", "default")
             model.to(device)
-            settings = dict(init_from=config.init_from, dataset=config.dataset or trained_with.get("dataset", "rotten_tomatoes"),
-                            prompt_template=config.prompt_template or trained_with.get("prompt_template", "default"),
-                            seed=config.seed, device=runs.device_name(device))
             if own_reviews:
-                for name, checkpoint in checkpoints:
-                    if checkpoint is not None:
-                        runs.load_trained(model, checkpoint)
-                    if len(checkpoints) > 1:
-                        print(name)
-                    classify(model, texts, config, settings, device, dtype)
-                return
-            runs.check_source("dataset", settings["dataset"])
-            records = load_rotten_tomatoes(settings["dataset"])[config.split]
+                return classify(model, checkpoints, texts, config, device, dtype)
+            runs.check_source("dataset", config.dataset)
+            records = load_rotten_tomatoes(config.dataset)[config.split]
             if config.num_examples > len(records):
                 print(f"num_examples={config.num_examples} is more than the {len(records)} {config.split} examples; "
                       "using all of them")
-            rows, sets = evaluate(model, checkpoints, sample(records, config.num_examples), config, settings, device, dtype)
-            complete = config.split == "test" and config.num_examples == 0 and config.temperature == 0
-            print(f"wrote {run.write_results(run_id, config.split, rows, sets, complete)} and its predictions")
+            rows, sets = evaluate(model, checkpoints, sample(records, config.num_examples), config, device, dtype)
+            print(f"wrote {run.write_results(rows, sets, config)} and its predictions")
             return rows
 
 

@@ -1,8 +1,7 @@
 """GPT-2 written from scratch (nanoGPT-style), with LoRA on the query, key and value projections.
 
 Loads Hugging Face GPT-2 weights (hub names or local directories) and computes the same logits.
-Evaluation works on batches of prompts of different lengths: left-padded, decoded with a KV cache,
-and the tokens every prompt starts with (the instruction) computed once for the whole batch.
+The tokens every row of a batch starts with (the instruction) are computed once for the batch.
 """
 import math
 import os
@@ -13,8 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import LoRALinear
-
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 @dataclass
@@ -163,10 +160,10 @@ class GPT(nn.Module):
 
     def _shared_start(self, rows, kv_cache, share_prefix):
         """Run the tokens every row starts with once, as a batch of one, into kv_cache, which then
-        serves every row. Returns their count and hidden states (1, count, n_embd). Eval mode only:
-        in training, dropout must differ between rows."""
+        serves every row (autograd sums the rows' gradients through it; in training the rows share
+        its dropout masks). Returns their count and hidden states (1, count, n_embd)."""
         shared = 0
-        if share_prefix and not self.training and len(rows) > 1:  # commonprefix compares lists element-wise
+        if share_prefix and len(rows) > 1:  # commonprefix compares the lists element by element
             shared = min(len(os.path.commonprefix(list(rows))), min(map(len, rows)) - 1)
         if shared == 0:
             return 0, None
@@ -177,8 +174,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, reduction="mean", share_prefix=True):
         """idx (B, T) token ids. Without targets: (logits (B, T, vocab), None). With targets (B, T),
         -100 where there is none: (None, cross-entropy over the target positions), the vocabulary
-        projection (the largest matmul) computed only there. In eval mode with share_prefix, the
-        rows' common start is computed once."""
+        projection (the largest matmul) computed only there. With share_prefix, the rows' common
+        start is computed once."""
         kv_cache = KVCache(self.config.n_layer)
         shared, prefix = self._shared_start(idx.tolist(), kv_cache, share_prefix)
         x = self.hidden_states(idx[:, shared:], kv_cache=kv_cache)
@@ -189,39 +186,33 @@ class GPT(nn.Module):
         keep = targets != -100  # dataloader's IGNORE_INDEX, cross_entropy's default
         return None, F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep], reduction=reduction)
 
-    def _start_batch(self, prompts, share_prefix):
-        """(idx, key_mask, kv_cache) for token lists of different lengths: their common start in
-        the cache (eval mode, share_prefix), the rest left-padded, key_mask False at padding."""
+    @torch.no_grad()
+    def prefill(self, prompts, share_prefix=True):
+        """Run token lists of different lengths as one batch: their common start computed once (eval
+        mode, share_prefix), the rest left-padded. Returns the next-token logits (B, vocab) after
+        each, and the key_mask (False at padding) and kv_cache to go on from."""
         kv_cache = KVCache(self.config.n_layer)
         shared, _ = self._shared_start(prompts, kv_cache, share_prefix)
         rows = [p[shared:] for p in prompts]
-        T = max(len(p) for p in rows)
+        T = max(map(len, rows))
         idx = torch.zeros(len(rows), T, dtype=torch.long)
-        key_mask = torch.zeros(len(rows), shared + T, dtype=torch.bool)
-        key_mask[:, :shared] = True
-        for row, p in enumerate(rows):
+        key_mask = torch.ones(len(rows), shared + T, dtype=torch.bool)
+        for row, p in enumerate(rows):  # [the shared start | left padding | the rest of the prompt]
             idx[row, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            key_mask[row, shared + T - len(p):] = True
-        device = self.lm_head.weight.device
-        return idx.to(device), key_mask.to(device), kv_cache
-
-    @torch.no_grad()
-    def last_logits_batch(self, prompts, share_prefix=True):
-        """Next-token logits (B, vocab) after each token list in prompts, in one forward pass."""
-        idx, key_mask, kv_cache = self._start_batch(prompts, share_prefix)
-        return self.lm_head(self.hidden_states(idx, key_mask, kv_cache)[:, -1, :])
+            key_mask[row, shared:shared + T - len(p)] = False
+        idx, key_mask = idx.to(self.lm_head.weight.device), key_mask.to(self.lm_head.weight.device)
+        return self.lm_head(self.hidden_states(idx, key_mask, kv_cache)[:, -1, :]), key_mask, kv_cache
 
     @torch.no_grad()
     def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=(), share_prefix=True):
         """Continue each token list in prompts; returns one list of new tokens per prompt.
         temperature 0 is greedy; otherwise sample, from the top_k most likely tokens where given.
         A row ends after a token in stop_tokens (kept); the loop ends once every row has."""
-        idx, key_mask, kv_cache = self._start_batch(prompts, share_prefix)
-        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=idx.device)
+        logits, key_mask, kv_cache = self.prefill(prompts, share_prefix)
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=logits.device)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
         new_tokens = []
         for _ in range(max_new_tokens):
-            logits = self.lm_head(self.hidden_states(idx, key_mask, kv_cache)[:, -1, :])
             if temperature == 0:
                 idx = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -232,9 +223,10 @@ class GPT(nn.Module):
                 idx = torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
             new_tokens.append(torch.where(done[:, None], -1, idx))
             done |= torch.isin(idx[:, 0], stop)
-            if done.all():
+            if done.all() or len(new_tokens) == max_new_tokens:
                 break
             key_mask = torch.cat([key_mask, torch.ones_like(idx, dtype=torch.bool)], dim=1)
+            logits = self.lm_head(self.hidden_states(idx, key_mask, kv_cache)[:, -1, :])
         return [[t for t in row if t != -1] for row in torch.cat(new_tokens, dim=1).tolist()]
 
     @classmethod
@@ -244,18 +236,9 @@ class GPT(nn.Module):
         from transformers import GPT2LMHeadModel  # only this path needs transformers
         from transformers.utils.logging import disable_progress_bar
         disable_progress_bar()  # a bar per load would bury our own output
-        override_args = dict(override_args or {})
-        allowed = {"dropout", "lora_rank", "lora_alpha", "lora_dropout"}
-        if not set(override_args) <= allowed:
-            raise ValueError(f"from_pretrained can override only {sorted(allowed)}, got {sorted(set(override_args) - allowed)}")
-        if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-            raise ValueError(f"{name_or_path} holds no config.json: expected a Hugging Face GPT-2 checkpoint directory")
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except (OSError, ValueError) as e:
-            expected = "" if name_or_path in GPT2_SIZES else (": expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
-                                                              "a GPT-2 hub id or a local Hugging Face GPT-2 directory")
-            raise ValueError(f"cannot load GPT-2 weights from {name_or_path!r}{expected} ({str(e).splitlines()[0]})") from None
+        override_args = override_args or {}
+        assert set(override_args) <= {"dropout", "lora_rank", "lora_alpha", "lora_dropout"}, override_args
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         c = hf.config
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                            n_embd=c.n_embd, bias=True, **override_args)

@@ -35,7 +35,7 @@ import torch
 
 from configurator import TRUE, UsageError, fail, is_local_path
 from lora import lora_state_dict, mark_only_lora_as_trainable
-from model import GPT, GPT2_SIZES, GPTConfig
+from model import GPT, GPTConfig
 
 try:
     import fcntl
@@ -48,6 +48,7 @@ RESUME_KEYS = {"optimizer", "scaler", "rng"}  # ckpt_last.pt holds these too: it
 RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "results.json", "predictions.json", "last_evaluation.json",
              "last_predictions.json")
 MACHINE = ("out_dir", "device", "dtype", "compile", "debug")  # flags of this command, never a resumed run's
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 ARCHITECTURE = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block_size")
 KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")
 UMASK = os.umask(0o022)
@@ -106,16 +107,37 @@ def hub_reachable():
 
 
 @contextlib.contextmanager
-def naming_flag(flag, name):
-    """Weights that cannot be loaded: one line that names the flag that fixes it."""
+def loading_weights(flag, name):
+    """GPT-2 weights that cannot be loaded from name: one line that names the flag that fixes it."""
     try:
         yield
     except CheckpointError:
         raise
-    except ValueError as e:
+    except (OSError, ValueError) as e:
+        expected = "" if name in GPT2_SIZES else (": expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id "
+                                                  "or a local Hugging Face GPT-2 directory")
         close = difflib.get_close_matches(name, GPT2_SIZES, n=1, cutoff=0.8)
         hint = f"did you mean {flag}={close[0]}?" if close and close[0] != name else f"a local copy works too: {flag}=DIR"
-        raise UsageError(f"{flag}={name!r}: {e}; {hint}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{flag}={name!r}: cannot load GPT-2 weights from {name!r}{expected} ({reason}); {hint}") from None
+
+
+def read_reviews(text, file):
+    """The reviews given with generate.py's text= (a list) and file=: one review per line of the
+    file (split at '\n' only: U+0085 and the like stay inside a review), '-' for standard input."""
+    texts = list(text)
+    try:
+        if file == "-":
+            texts += sys.stdin.read().split("\n")
+        elif file:
+            with open(file, encoding="utf-8", newline="") as f:
+                texts += f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"file={file!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    texts = [t.strip() for t in texts if t.strip()]
+    if not texts:
+        raise UsageError("text= and file= hold no review to classify")
+    return texts
 
 
 def device_name(device):
@@ -222,7 +244,7 @@ def load_model(checkpoint, base=None):
     else:
         base = base or checkpoint["base"]["init_from"]
         check_source("base", base)
-        with naming_flag("base", base):
+        with loading_weights("base", base):
             model = GPT.from_pretrained(base, dict(dropout=config.dropout, lora_rank=config.lora_rank,
                                                    lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
         differs = next((k for k, v in asdict(model.config).items() if checkpoint["model_args"][k] != v), None)
@@ -279,7 +301,7 @@ class Run:
     process is refused. A missing out_dir is made first, and removed at close if nothing was written."""
 
     def __init__(self, out_dir, program, create=True, lock=True):
-        self.out_dir, self.made, self.lock_fd = out_dir, [], None
+        self.out_dir, self.made, self.lock_fd, self.run_id = out_dir, [], None, None
         check_out_dir(out_dir)
         missing = os.path.abspath(out_dir)
         while create and not os.path.exists(missing):
@@ -320,13 +342,22 @@ class Run:
                 raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={self.out_dir}")
             found[path] = load_checkpoint(path)
         same_run(found)
+        self.run_id = next(iter(found.values()))["run_id"]
         return [(CHECKPOINTS[key][0], checkpoint) for key, checkpoint in zip(which, found.values())]
 
-    def write_results(self, run_id, split, rows, sets, complete):
+    def load_checkpoints(self, which, base=""):
+        """(model, [(name, checkpoint)]): the checkpoints, and a model of their base (base= where it is no
+        longer at the run's init_from) with the first one's trained tensors."""
+        checkpoints = self.checkpoints(which)
+        return load_model(checkpoints[0][1], base or None), checkpoints
+
+    def write_results(self, rows, sets, config):
         """results.json and predictions.json keep a run's complete greedy test evaluations, one row per
         checkpoint, method and reading, each replaced only by a newer one of its own. Anything else (a
         subset, another split, sampling, a raw model beside a run's checkpoints) goes to
         last_evaluation.json and last_predictions.json. Returns the results file's path."""
+        run_id, split = self.run_id, config.split
+        complete = split == "test" and config.num_examples == 0 and config.temperature == 0
         beside_a_run = run_id is None and any(os.path.exists(self.path(f)) for f in ("ckpt.pt", "ckpt_last.pt"))
         names = ("results.json", "predictions.json") if complete and not beside_a_run else (
             "last_evaluation.json", "last_predictions.json")

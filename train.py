@@ -5,10 +5,9 @@
     python train.py resume=auto out_dir=runs/r16_a64       # continue an interrupted run (or start it)
     torchrun --nproc_per_node=2 train.py ...               # data parallel over 2 processes
 
-Writes to out_dir: ckpt.pt (best validation loss), ckpt_last.pt (the latest state, where an
-interrupted run resumes), metrics.jsonl, and at the end the test accuracy of both checkpoints
-(results.json, predictions.json). What keeps a run safe (the lock on out_dir, resuming, whole
-files, one-line errors) is the harness, runs.py, called here as `runs.`.
+Writes ckpt.pt (best validation loss), ckpt_last.pt (the latest state, to resume from),
+metrics.jsonl, and the test accuracy of both checkpoints (results.json, predictions.json) to
+out_dir. runs.py, the harness, keeps the run safe: a lock on out_dir, resuming, whole files.
 """
 import math
 import sys
@@ -36,6 +35,7 @@ FLAGS = {  # name: (default, help[, allowed values])
     "dataset": ("rotten_tomatoes", "hub dataset name, or a local directory with train/validation/test.jsonl"),
     "prompt_template": ("default", "instruction template", tuple(PROMPT_TEMPLATES)),
     "mask_prompt": (True, "loss on the answer tokens only; false: on the whole sequence"),
+    "share_prefix": (True, "compute the start every review of a batch shares (the instruction) once per batch, whose rows then share its dropout masks; false: once per review"),
     "lora_rank": (128, "LoRA rank on the q, k, v projections; 0 = full fine-tuning", ">= 0"),
     "lora_alpha": (512.0, "LoRA alpha: the update is scaled by alpha / rank", "> 0"),
     "lora_dropout": (0.05, "dropout on the input of the LoRA branch", "[0, 1)"),
@@ -77,7 +77,7 @@ def build_model(config, run):
         model = GPT(GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
                               n_embd=config.n_embd, dropout=config.dropout))
     else:
-        with runs.naming_flag("init_from", config.init_from):
+        with runs.loading_weights("init_from", config.init_from):
             model = GPT.from_pretrained(config.init_from, dict(dropout=config.dropout, lora_rank=config.lora_rank,
                                                                lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
     if model.config.lora_rank > 0:
@@ -95,15 +95,14 @@ def make_optimizer(model, config, device):
 
 
 @torch.no_grad()
-def validation_loss(model, loader, config, device, dtype, progress=True, share_prefix=True):
+def validation_loss(model, loader, config, device, dtype, progress=True):
     """Mean loss per target token over the validation split (eval mode: LoRA merged)."""
     model.eval()
     total, count = torch.zeros((), device=device), 0
     batches = loader.batches("validation", config.eval_batch_size, config.eval_iters)
-    for x, y in tqdm(batches, desc="validation", unit="batch", leave=False, disable=not progress, file=sys.stderr,
-                     total=loader.num_batches("validation", config.eval_batch_size, config.eval_iters)):
+    for x, y in tqdm(batches, desc="validation", unit="batch", leave=False, disable=not progress, file=sys.stderr):
         with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=share_prefix)
+            _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=config.share_prefix)
         total += loss.float()
         count += int((y != IGNORE_INDEX).sum())
     model.train()
@@ -126,7 +125,7 @@ def forward_backward(model, loader, scaler, iter_num, config, device, dtype, ran
         last = k == len(micro) - 1
         with nullcontext() if world == 1 or last else model.no_sync():  # DDP averages gradients once a step
             with autocast(device, dtype):
-                _, loss = model(x.to(device), y.to(device), reduction="sum")
+                _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=config.share_prefix)
             loss = loss * world / targets  # per target token of the whole step
             scaler.scale(loss).backward()
         step_loss += loss.detach()

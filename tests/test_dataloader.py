@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dataloader import (PROMPT_TEMPLATES, CustomDataLoader, DataError, encode_prompts,
+from dataloader import (PROMPT_TEMPLATES, CustomDataLoader, DataError, encode_prompt,
                         get_sentiment_prompt, get_tokenizer, load_rotten_tomatoes)
 from dataloader import IGNORE_INDEX
 
@@ -39,8 +39,7 @@ def test_prompt_and_answer_tokens(template):
         "a gorgeous , witty film", "x")
     # the prompt's tokens are the start of the whole text's, and the answer is one token
     for label, answer in ((0, NEGATIVE), (1, POSITIVE)):
-        (ids,), truncated = encode_prompts(["a gorgeous , witty film"], template)
-        assert truncated == 0
+        ids = encode_prompt("a gorgeous , witty film", template)
         assert enc.encode_ordinary(get_sentiment_prompt("a gorgeous , witty film", label, template)) == ids + [answer]
 
 

@@ -11,7 +11,7 @@ import export
 import generate
 from runs import base_fingerprint, load_checkpoint, load_model
 from conftest import last_wins, run_train, save_random_hf_gpt2
-from dataloader import encode_prompts, get_tokenizer, load_rotten_tomatoes
+from dataloader import encode_prompt, get_tokenizer, load_rotten_tomatoes
 from model import GPT
 
 IDX = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
@@ -80,7 +80,7 @@ def test_merged_model_loads_in_transformers_with_our_logits_and_answers(run, req
 
     records = load_rotten_tomatoes(str(small_data_dir))["test"][:12]
     predicted = generate.predict_labels(model, records, max_new_tokens=5)
-    prompts, _ = encode_prompts([r["text"] for r in records])
+    prompts = [encode_prompt(r["text"]) for r in records]
     enc = get_tokenizer()
     expected = [enc.decode([t for t in tokens if t != 50256]) for tokens in greedy_continuations(hf, prompts, 5)]
     assert [p["continuation"] for p in predicted] == expected
@@ -108,7 +108,8 @@ def test_peft_needs_a_lora_run(full_run, tmp_path, capsys):
     (["dest={tmp}/full"], "dest='{tmp}/full' exists and is not empty; choose a new directory"),
     (["out_dir={tmp}/nothing"], "no checkpoint at {tmp}/nothing/ckpt.pt; make one with: python train.py out_dir={tmp}/nothing"),
     (["format=hf", "base={tmp}/nothing"], "base='{tmp}/nothing': no such directory"),
-    (["format=hf", "base={tmp}/full"], "base='{tmp}/full': {tmp}/full holds no config.json: expected a Hugging Face GPT-2"),
+    (["format=hf", "base={tmp}/full"], "base='{tmp}/full': cannot load GPT-2 weights from '{tmp}/full': expected gpt2, "
+                                       "gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a local Hugging Face GPT-2 directory ("),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(lora_run, tmp_path, capsys, flags, message):
     (tmp_path / "full").mkdir()

@@ -10,7 +10,7 @@ import torch
 import generate
 from runs import load_checkpoint, load_model
 from conftest import greedy_one_at_a_time, run_train
-from dataloader import encode_prompts, get_tokenizer, load_rotten_tomatoes
+from dataloader import encode_prompt, get_tokenizer, load_rotten_tomatoes
 from generate import parse_label, predict_labels, summarize
 from model import GPT, GPTConfig, KVCache
 
@@ -54,7 +54,7 @@ def test_batched_greedy_equals_one_at_a_time(lora_model, shared, monkeypatch):
         cut = next((i + 1 for i, t in enumerate(full) if t in stop), len(full))
         assert got == full[:cut]
     assert len({len(p) for p in prompts}) > 20
-    logits = lora_model.last_logits_batch(prompts)
+    logits = lora_model.prefill(prompts)[0]
     for prompt, row in zip(prompts, logits):
         with torch.no_grad():
             torch.testing.assert_close(row, lora_model(torch.tensor([prompt]))[0][0, -1], rtol=0, atol=1e-5)
@@ -63,7 +63,7 @@ def test_batched_greedy_equals_one_at_a_time(lora_model, shared, monkeypatch):
 def test_logprob_is_the_argmax_of_the_two_label_logits(lora_model, small_data_dir):
     records = load_rotten_tomatoes(str(small_data_dir))["test"]
     preds = predict_labels(lora_model, records, method="logprob", batch_size=16)
-    prompts, _ = encode_prompts([r["text"] for r in records])
+    prompts = [encode_prompt(r["text"]) for r in records]
     for prompt, pred in zip(prompts, preds):
         with torch.no_grad():
             logits, _ = lora_model(torch.tensor([prompt]))
@@ -76,7 +76,7 @@ def test_generate_method_parses_the_generated_text(lora_model, small_data_dir):
     records = load_rotten_tomatoes(str(small_data_dir))["test"][:20]
     preds = predict_labels(lora_model, records, method="generate", max_new_tokens=3, batch_size=7)
     enc = get_tokenizer()
-    prompts, _ = encode_prompts([r["text"] for r in records])
+    prompts = [encode_prompt(r["text"]) for r in records]
     for prompt, record, pred in zip(prompts, records, preds):
         tokens = greedy_one_at_a_time(lora_model, prompt, 3)
         cut = next((i + 1 for i, t in enumerate(tokens) if t == 50256), len(tokens))
@@ -197,7 +197,7 @@ def test_classify_your_own_reviews(trained_run, tmp_path, monkeypatch, capsys):
     model = load_model(load_checkpoint(out / "ckpt.pt")).eval()  # the best checkpoint, unless ckpt= says
     assert len(lines) == 3
     for review, line in zip(reviews, lines):
-        (prompt,), _ = encode_prompts([review])
+        prompt = encode_prompt(review)
         with torch.no_grad():
             logits = model(torch.tensor([prompt]))[0][0, -1]
         p_positive = torch.sigmoid(logits[3967] - logits[4633]).item()

@@ -102,9 +102,50 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep], reduction="sum"))
     torch.testing.assert_close(unshared_loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep],
                                                                                  reduction="sum"), rtol=0, atol=0)
-    model.train()  # training never shares: dropout must differ between rows
-    model(idx, targets)
-    assert expanded == [4, 4]
+    model(idx, share_prefix=False)
+    assert expanded == [4, 4]  # share_prefix=False computes every row whole
+
+
+ROWS = {"a shared start": (19, (5, 30, 12, 2)), "nothing shared": (0, (20, 25, 9, 30)),
+        "very different lengths": (19, (1, 80, 3, 150))}
+
+
+@pytest.mark.parametrize("rows", list(ROWS))
+@pytest.mark.parametrize("rank", [8, 0])
+def test_training_computes_the_common_start_once_with_the_same_loss_and_gradients(hf_gpt2_dir, rows, rank, monkeypatch):
+    torch.manual_seed(0)
+    model = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=rank, lora_alpha=16.0))
+    if rank:
+        mark_only_lora_as_trainable(model)
+        for layer in lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+    generator = torch.Generator().manual_seed(3)
+    shared, lengths = ROWS[rows]
+    start = torch.randint(0, 50257, (shared,), generator=generator).tolist()
+    tokens = [start + torch.randint(0, 50257, (n,), generator=generator).tolist() for n in lengths]
+    if not shared:
+        assert len({t[0] for t in tokens}) == len(tokens)
+    T = max(map(len, tokens))
+    idx, targets = torch.full((4, T), 50256), torch.full((4, T), -100)
+    for i, row in enumerate(tokens):  # right-padded; as in training, the targets are each row's last two tokens
+        idx[i, :len(row)] = torch.tensor(row)
+        targets[i, len(row) - 3:len(row) - 1] = idx[i, len(row) - 2:len(row)]
+    expanded = []
+    monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    model.train()
+    results = {}
+    for share in (True, False):
+        model.zero_grad(set_to_none=True)
+        _, loss = model(idx, targets, reduction="sum", share_prefix=share)
+        loss.backward()
+        results[share] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert expanded == ([4] if shared else [])  # the common start was computed once, as a batch of one
+    (shared_loss, shared_grads), (loss, grads) = results[True], results[False]
+    torch.testing.assert_close(shared_loss, loss, rtol=0, atol=1e-5)
+    assert set(shared_grads) == set(grads) and len(grads) == (12 if rank else 36)
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(shared_grads[name], grad, rtol=0, atol=1e-5, msg=name)
 
 
 def test_lora_model_with_trained_B_merges_and_demerges(hf_gpt2_dir):
@@ -178,12 +219,16 @@ def test_sampling_is_seeded_and_top_k_limits_choices():
 
 
 def test_unknown_name_and_empty_directory_are_clear_errors(tmp_path, monkeypatch):
+    import runs
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="holds no config.json: expected a Hugging Face GPT-2"):
-        GPT.from_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match="cannot load GPT-2 weights from 'no-such-model-xyz': expected gpt2, gpt2-medium"):
-        GPT.from_pretrained("no-such-model-xyz")
-    with pytest.raises(ValueError, match=r"can override only"):
+    for name in (str(tmp_path), "no-such-model-xyz"):
+        with pytest.raises(runs.UsageError) as e, runs.loading_weights("init_from", name):
+            GPT.from_pretrained(name)
+        assert str(e.value).startswith(f"init_from={name!r}: cannot load GPT-2 weights from {name!r}: expected gpt2, "
+                                       "gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a local Hugging Face GPT-2 "
+                                       "directory (")
+        assert str(e.value).endswith("; a local copy works too: init_from=DIR") and "\n" not in str(e.value)
+    with pytest.raises(AssertionError):  # only dropout and LoRA's settings may differ from the checkpoint's
         GPT.from_pretrained(str(tmp_path), dict(n_layer=3))
 
 
