@@ -174,7 +174,7 @@ def bench_train_step(shape, loader, config, device, dtype):
                     synchronize(device)
                     start = time.perf_counter()
                 train.forward_backward(model, loader, scaler, i, c, device=device, dtype=dtype)
-                train.clip_and_step(optimizer, scaler, trained, c.grad_clip)
+                train.clip_and_step(optimizer, scaler, c.grad_clip)
             synchronize(device)
         except torch.cuda.OutOfMemoryError:
             model.zero_grad(set_to_none=True)

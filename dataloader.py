@@ -1,14 +1,12 @@
-"""Rotten Tomatoes as instruction-tuning data: prompts, tokens and padded batches.
-
-Each review becomes `<prompt> positive<|endoftext|>` or `<prompt> negative<|endoftext|>`, where the
-prompt ends with `Label:`: the record's instr_tuned_text, then the end-of-text token. By default
-the loss covers only the answer tokens.
-"""
-import json
+"""Rotten Tomatoes as instruction-tuning data: each review becomes its instr_tuned_text, `<prompt>
+positive` or `<prompt> negative` (the prompt ends with `Label:`), then <|endoftext|>."""
 import os
 from functools import lru_cache
 
 import torch
+
+import runs
+from runs import DataError
 
 PROMPT_TEMPLATES = {
     "default": ("Instruction: Classify the sentiment of the movie review as positive or negative.\n"
@@ -19,10 +17,6 @@ LABEL_WORDS = {1: " positive", 0: " negative"}  # the leading space: GPT-2 sees 
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100  # a target with this value adds nothing to the loss (cross_entropy's default)
 HUB_NAMES = {"rotten_tomatoes": "cornell-movie-review-data/rotten_tomatoes"}
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used; the message names the split and where."""
 
 
 @lru_cache(maxsize=None)
@@ -72,8 +66,8 @@ def check_prompt_room(template, block_size, generated):
 
 
 def sample(items, n, seed=0):
-    """n of items drawn at random, in their order, the same n every time; all of them where n is 0
-    (or more than there are). The splits are sorted by label, so their first rows would not do."""
+    """n of items drawn at random (the same every time: the splits are sorted by label), in their
+    order; all of them where n is 0 or more than there are."""
     if not 0 < n < len(items):
         return list(items)
     keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n].sort().values
@@ -86,43 +80,11 @@ def by_length(items, batch_size, length=len):
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def _record(rec, where):
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object with 'text' and 'label'")
-    if not isinstance(rec.get("text"), str) or not rec["text"].strip():
-        raise DataError(f"{where}: 'text' is missing or empty")
-    if rec.get("label") not in (0, 1) or isinstance(rec.get("label"), bool):
-        raise DataError(f"{where}: 'label' must be 0 or 1, got {rec.get('label')!r}")
-    return {"text": rec["text"], "label": rec["label"]}
-
-
-def _read_jsonl(path, split):
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except FileNotFoundError:
-        raise DataError(f"{split} split: {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{split} split: {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{split} split: {path}:{n}: malformed JSON ({e.msg})") from None
-        records.append(_record(rec, f"{split} split: {path}:{n}"))
-    if not records:
-        raise DataError(f"{split} split: {path} holds no examples")
-    return records
-
-
 def load_rotten_tomatoes(dataset="rotten_tomatoes"):
-    """{split: [{"text", "label"}, ...]} from a local directory of train/validation/test.jsonl,
-    or from the Hugging Face hub through `datasets`."""
+    """{split: [{"text", "label"}, ...]} from the Hugging Face hub through `datasets`, or from a local
+    copy: a directory of train/validation/test.jsonl."""
     if os.path.isdir(dataset):
-        return {s: _read_jsonl(os.path.join(dataset, f"{s}.jsonl"), s) for s in SPLITS}
+        return runs.read_jsonl_splits(dataset, SPLITS)
     try:
         from datasets import load_dataset  # only the hub path needs it
         hub = load_dataset(HUB_NAMES.get(dataset, dataset))
@@ -130,17 +92,16 @@ def load_rotten_tomatoes(dataset="rotten_tomatoes"):
         raise DataError(f"cannot load dataset {dataset!r} from the hub ({str(e).splitlines()[0]}); give a local "
                         "copy instead: dataset=DIR, a directory with train.jsonl, validation.jsonl, test.jsonl") from None
     if any(s not in hub or len(hub[s]) == 0 for s in SPLITS):
-        raise DataError(f"hub dataset {dataset} lacks one of the splits {', '.join(SPLITS)}, or it is empty")
-    return {s: [_record(rec, f"{s} split: {dataset} row {n}") for n, rec in enumerate(hub[s])] for s in SPLITS}
+        raise DataError(f"hub dataset {dataset} lacks a split of {', '.join(SPLITS)}, or it is empty")
+    return {s: [runs.checked_record(rec, f"{s} split: {dataset} row {n}") for n, rec in enumerate(hub[s])] for s in SPLITS}
 
 
 class CustomDataLoader:
-    """Tokenized splits and padded (x, y) batches. Training draws examples epoch after epoch, each
-    epoch a permutation drawn from seed + epoch: a step's examples follow from its number alone."""
+    """Tokenized splits (from a hub name, a local directory, or splits read by load_rotten_tomatoes)
+    and padded (x, y) batches."""
 
     def __init__(self, dataset="rotten_tomatoes", block_size=1024, prompt_template="default",
                  mask_prompt=True, seed=1337):
-        """dataset: a hub name, a local directory, or splits already read by load_rotten_tomatoes."""
         self.template, self.mask_prompt, self.seed = prompt_template, mask_prompt, seed
         splits = dataset if isinstance(dataset, dict) else load_rotten_tomatoes(dataset)
         self.records, self.examples, self.truncated = {}, {}, 0
@@ -169,15 +130,15 @@ class CustomDataLoader:
         return ids, len(prompt)
 
     def train_examples(self, start, count):
-        """Training examples start .. start + count - 1 of the stream."""
+        """Training examples start .. start + count - 1 of a stream of epochs, each a permutation drawn
+        from seed + epoch: a step's examples follow from its number alone (so resuming is exact)."""
         n = len(self.examples["train"])
         epochs = {e: torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()
                   for e in range(start // n, (start + count - 1) // n + 1)}
         return [self.examples["train"][epochs[i // n][i % n]] for i in range(start, start + count)]
 
     def collate(self, examples):
-        """Right-padded inputs and shifted targets; padding (and, with mask_prompt, the
-        prompt) carries IGNORE_INDEX in the targets."""
+        """Right-padded inputs and shifted targets, IGNORE_INDEX at padding (and the prompt, with mask_prompt)."""
         T = max(len(ids) for ids, _ in examples) - 1
         x = torch.full((len(examples), T), get_tokenizer().eot_token, dtype=torch.long)
         y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)

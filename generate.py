@@ -1,8 +1,7 @@
 """Test accuracy of a run's checkpoints, or zero-shot accuracy of a raw GPT-2.
 
-    python generate.py out_dir=runs/r16_a64            # Best Val and Last Iter checkpoints
+    python generate.py out_dir=runs/r16_a64            # the Best Val and Last Iter checkpoints
     python generate.py init_from=gpt2-medium           # zero-shot
-    python generate.py method=both                     # also compare the label probabilities
     python generate.py out_dir=runs/r16_a64 text="an utterly charming film"   # classify your own reviews
 """
 import json
@@ -10,7 +9,6 @@ import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 import runs
 from configurator import autocast, device_and_dtype, parse_flags
@@ -21,14 +19,14 @@ from model import GPT
 FLAGS = {  # name: (default, help[, allowed values])
     "init_from": ("resume", "'resume': the checkpoints in out_dir; or gpt2, gpt2-medium, ..., a hub id or a local Hugging Face GPT-2 directory (zero-shot)"),
     "out_dir": ("out", "where the checkpoints are; results.json and predictions.json go here"),
-    "ckpt": ("both", "init_from=resume: best (ckpt.pt), last (ckpt_last.pt) or both (with text or file: best)", ("best", "last", "both")),
+    "ckpt": ("", "init_from=resume: best (ckpt.pt), last (ckpt_last.pt) or both; default: both, or best with text or file", ("", "best", "last", "both")),
     "base": ("", "a LoRA run's base model where it is no longer at the run's init_from (a name or directory)"),
     "text": ([], "classify this review instead of a split (repeat the flag for more)"),
     "file": ("", "classify each line of this file instead of a split ('-' = standard input)"),
-    "dataset": ("", "hub name or local directory with train/validation/test.jsonl; default: the checkpoint's, else rotten_tomatoes"),
+    "dataset": ("rotten_tomatoes", "hub name or local directory with train/validation/test.jsonl; init_from=resume: the run's unless given"),
     "split": ("test", "the split to evaluate", ("test", "validation")),
     "num_examples": (0, "evaluate N reviews of the split drawn at random (the same N every time); 0 = all", ">= 0"),
-    "prompt_template": ("", "default: the checkpoint's, else default", ("",) + tuple(PROMPT_TEMPLATES)),
+    "prompt_template": ("default", "init_from=resume: the run's unless given", tuple(PROMPT_TEMPLATES)),
     "method": ("generate", "generate: read the label off a few generated tokens, as the handout does; logprob: the likelier of ' positive' and ' negative' after the prompt (it always answers); both", ("generate", "logprob", "both")),
     "max_new_tokens": (5, "tokens generated per review (fewer where the answer ends)", "> 0"),
     "parse": ("near_start", "how an answer is read: near_start (the first of positive/negative within its first 20 characters, as the handout reads it) or first_word (its first word must be one)", ("near_start", "first_word")),
@@ -40,16 +38,13 @@ FLAGS = {  # name: (default, help[, allowed values])
     "dtype": ("auto", "auto, float32, bfloat16 or float16", ("auto", "float32", "bfloat16", "float16")),
     "debug": (False, "show full tracebacks"),
 }
-LABEL_NAMES = {1: "positive", 0: "negative", -1: "unparseable"}
 NEAR_START = 20  # characters: the handout looks for the label in the first few characters of the answer
 
 
 def parse_label(continuation, rule="near_start"):
-    """1 for positive, 0 for negative, -1 for anything else: the one place an answer is read.
-    near_start (the handout's reading): whichever of "positive" and "negative", in any case, begins
-    first within the first 20 characters, so ' "positive"', "\n\npositive" and " not positive" are 1.
-    first_word: the first word after white space must be one of the two: " Positive!" is 1,
-    " positively", " not positive" and ' "positive"' are -1."""
+    """1 for positive, 0 for negative, -1 for anything else. near_start (the handout's reading): the
+    first of "positive" and "negative", in any case, beginning within the first 20 characters, so
+    ' "positive"' and " not positive" are 1. first_word: the first word must be one of the two."""
     if rule == "first_word":
         word = (continuation.split() or [""])[0]
         letters = next((i for i, ch in enumerate(word) if not ch.isalpha()), len(word))
@@ -63,9 +58,8 @@ def parse_label(continuation, rule="near_start"):
 @torch.no_grad()
 def predict_labels(model, records, method="generate", *, prompt_template="default", max_new_tokens=5, temperature=0.0,
                    top_k=0, parse="near_start", batch_size=64, device="cpu", dtype="float32", share_prefix=True):
-    """One record per review: text, label, continuation and prediction (1, 0 or -1). method=generate
-    reads the label off up to max_new_tokens generated tokens (fewer where <|endoftext|> ends them);
-    method=logprob compares " positive" with " negative" after the prompt and adds p_positive."""
+    """Each record with continuation and prediction (1, 0 or -1): generate reads the label off up to
+    max_new_tokens tokens (<|endoftext|> ends them); logprob takes the likelier label and adds p_positive."""
     model.eval()  # merges LoRA into the weights
     enc = get_tokenizer()
     generated = max_new_tokens if method == "generate" else 0
@@ -73,8 +67,8 @@ def predict_labels(model, records, method="generate", *, prompt_template="defaul
     prompts = [encode_prompt(r["text"], prompt_template, model.config.block_size - generated) for r in records]
     positive_id, negative_id = (enc.encode_ordinary(LABEL_WORDS[label])[0] for label in (1, 0))
     out = [dict(text=r["text"], label=r["label"]) for r in records]
-    for batch in tqdm(by_length(range(len(prompts)), batch_size, lambda i: len(prompts[i])), leave=False,
-                      desc=f"{method} {len(records)} reviews", unit="batch", file=sys.stderr):
+    batches = by_length(range(len(prompts)), batch_size, lambda i: len(prompts[i]))
+    for batch in runs.progress(batches, f"{method} {len(records)} reviews"):
         with autocast(device, dtype):
             if method == "generate":
                 new = model.generate_batch([prompts[i] for i in batch], max_new_tokens, temperature, top_k or None,
@@ -105,12 +99,12 @@ def report_line(name, s):
 
 
 def options(config):  # predict_labels' settings among the flags
-    return {k: getattr(config, k) for k in ("prompt_template", "max_new_tokens", "temperature", "top_k", "parse", "batch_size")}
+    return {k: getattr(config, k) for k in ("prompt_template", "max_new_tokens", "temperature", "top_k", "parse",
+                                            "batch_size")}
 
 
 def evaluate(model, checkpoints, records, config, device, dtype):
-    """The handout's line for each checkpoint (its trained tensors loaded into model) and method;
-    returns (results rows, prediction sets)."""
+    """The handout's line for each checkpoint (its tensors loaded into model) and method; (rows, predictions)."""
     rows, sets = [], []
     for name, checkpoint in checkpoints:
         if checkpoint is not None:
@@ -140,17 +134,9 @@ def classify(model, checkpoints, texts, config, device, dtype):
         answers, scores = (predict_labels(model, records, method, device=device, dtype=dtype, **options(config))
                            for method in ("generate", "logprob"))
         for answer, score in zip(answers, scores):
-            print(f"{LABEL_NAMES[answer['prediction']]:<11}  p(positive)={score['p_positive']:.3f}  "
+            label = {1: "positive", 0: "negative", -1: "unparseable"}[answer["prediction"]]
+            print(f"{label:<11}  p(positive)={score['p_positive']:.3f}  "
                   f"answer={json.dumps(answer['continuation'])}  {answer['text']}")
-
-
-def test_accuracy(model, run, records, device, dtype):
-    """train.py's last step: the test accuracy of the run's two checkpoints, as generate.py's default."""
-    c = run.config
-    config, _ = parse_flags("generate.py", FLAGS, [f"out_dir={c.out_dir}", f"dataset={c.dataset}", f"seed={c.seed}",
-                                                   f"prompt_template={c.prompt_template}", f"batch_size={c.eval_batch_size}"])
-    rows, sets = evaluate(model, run.checkpoints(("best", "last")), records, config, device, dtype)
-    print(f"results: {run.write_results(rows, sets, config)} and predictions.json")
 
 
 def main(argv):
@@ -158,30 +144,19 @@ def main(argv):
     with runs.reported_errors("generate.py", config.debug):
         device, dtype = device_and_dtype(config.device, config.dtype)
         torch.manual_seed(config.seed)
-        own_reviews = bool(config.text or config.file)
-        if own_reviews and "ckpt" not in explicit:
-            config.ckpt = "best"
-        texts = runs.read_reviews(config.text, config.file) if own_reviews else None
-        with runs.hold(config.out_dir, "generate.py", create=not own_reviews) as run:
-            if config.init_from == "resume":  # the run's checkpoints: one base model, their tensors loaded in turn
-                model, checkpoints = run.load_checkpoints(("best", "last") if config.ckpt == "both" else (config.ckpt,),
-                                                          config.base)
+        texts = runs.read_reviews(config.text, config.file)  # none unless text= or file= is given
+        with runs.hold(config.out_dir, "generate.py", create=not texts) as run:
+            if config.init_from == "resume":  # one model of the run's base, each checkpoint's tensors in turn
+                model, checkpoints = run.load_checkpoints(config, explicit)  # and the run's dataset and template
             else:  # zero-shot
-                runs.check_source("init_from", config.init_from)
                 with runs.loading_weights("init_from", config.init_from):
                     model, checkpoints = GPT.from_pretrained(config.init_from), [("Zero-shot " + config.init_from, None)]
-            trained_with = checkpoints[0][1]["config"] if config.init_from == "resume" else {}
-            config.dataset = config.dataset or trained_with.get("dataset", "rotten_tomatoes")
-            config.prompt_template = config.prompt_template or trained_with.get("prompt_template", "default")
             model.to(device)
-            if own_reviews:
+            if texts:
                 return classify(model, checkpoints, texts, config, device, dtype)
             runs.check_source("dataset", config.dataset)
-            records = load_rotten_tomatoes(config.dataset)[config.split]
-            if config.num_examples > len(records):
-                print(f"num_examples={config.num_examples} is more than the {len(records)} {config.split} examples; "
-                      "using all of them")
-            rows, sets = evaluate(model, checkpoints, sample(records, config.num_examples), config, device, dtype)
+            records = sample(load_rotten_tomatoes(config.dataset)[config.split], config.num_examples)
+            rows, sets = evaluate(model, checkpoints, records, config, device, dtype)
             print(f"wrote {run.write_results(rows, sets, config)} and its predictions")
             return rows
 

@@ -2,8 +2,7 @@
 
 y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W and b frozen and only A (r x in) and
 B (out x r) trained. B starts at zero, so a fresh LoRA layer computes exactly its base layer.
-In eval mode the update is merged into W, so inference costs one matmul, as without LoRA;
-train mode gives back the base W exactly.
+eval() merges the update into W (one matmul, as without LoRA); train() restores W exactly.
 """
 import math
 
@@ -67,7 +66,7 @@ class LoRALinear(nn.Linear):
         self.has_weights_merged = False
 
     def train(self, mode=True):
-        """mode=True de-merges the LoRA update from the weight, mode=False merges it."""
+        """mode=True de-merges the LoRA update from the weight, mode=False (and so eval()) merges it."""
         super().train(mode)
         if self.is_lora() and mode and self.has_weights_merged:
             self._demerge()
@@ -75,30 +74,22 @@ class LoRALinear(nn.Linear):
             self._merge()
         return self
 
-    def eval(self):
-        return self.train(False)
-
     def extra_repr(self):
-        text = super().extra_repr()
-        if self.is_lora():
-            rank = self.lora_A.shape[0]
-            text += (f", lora_rank={rank}, lora_alpha={self.lora_scaling * rank:g}, "
-                     f"lora_scaling={self.lora_scaling:g}, lora_dropout={self.lora_dropout.p:g}")
-        return text
-
-
-def _is_lora_param(name):
-    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+        if not self.is_lora():
+            return super().extra_repr()
+        rank = self.lora_A.shape[0]
+        return (f"{super().extra_repr()}, lora_rank={rank}, lora_alpha={self.lora_scaling * rank:g}, "
+                f"lora_scaling={self.lora_scaling:g}, lora_dropout={self.lora_dropout.p:g}")
 
 
 def mark_only_lora_as_trainable(model):
-    """Freeze every parameter of model except the LoRA matrices; returns model."""
+    """Freeze every parameter of model except the LoRA matrices (lora_A, lora_B); returns model."""
     for name, param in model.named_parameters():
-        param.requires_grad = _is_lora_param(name)
+        param.requires_grad = "lora_" in name
     return model
 
 
 def lora_state_dict(model):
-    """The LoRA matrices A and B of model, by name: all that a LoRA fine-tune changes, so all that
-    its checkpoint needs beside the pretrained weights. Merging never touches them."""
-    return {name: t for name, t in model.state_dict().items() if _is_lora_param(name)}
+    """The LoRA matrices of model by name: all that a LoRA fine-tune changes, so all that its
+    checkpoint needs beside the pretrained weights (merging changes W, never A or B)."""
+    return {name: t for name, t in model.state_dict().items() if "lora_" in name}

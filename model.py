@@ -29,7 +29,7 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens processed so far: (B, n_head, past, head size)."""
+    """Keys and values (B, n_head, past, head size) of every layer for the tokens processed so far."""
 
     def __init__(self, n_layer):
         self.layers = [None] * n_layer
@@ -37,8 +37,7 @@ class KVCache:
     def __len__(self):
         return 0 if self.layers[0] is None else self.layers[0][0].size(2)
 
-    def expand(self, batch_size):
-        """Give each of batch_size rows the keys and values of a batch of one (no copy)."""
+    def expand(self, batch_size):  # a batch of one's keys and values for batch_size rows, not copied
         self.layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self.layers]
 
     def extend(self, layer, k, v):
@@ -132,9 +131,8 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden_states(self, idx, key_mask=None, kv_cache=None):
-        """Final-layer-norm output (B, T, n_embd) for tokens idx (B, T). kv_cache holds the past
-        tokens and is extended. key_mask (B, past + T), False at left padding: positions count real
-        tokens only and nothing attends to padding."""
+        """The last layer's output (B, T, n_embd) for tokens idx (B, T) after the past in kv_cache. key_mask
+        (B, past + T) is False at left padding: positions count real tokens, nothing attends to padding."""
         B, T = idx.size()
         past = len(kv_cache) if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -150,8 +148,7 @@ class GPT(nn.Module):
 
     @staticmethod
     def _causal_mask(key_mask, T):
-        """(B, 1, T, past + T) boolean mask: causal, padding hidden, and each query sees itself
-        (so a padding query never has an empty softmax row; its output is never used)."""
+        """(B, 1, T, past + T): causal, padding hidden, each query sees itself (no empty softmax row)."""
         total = key_mask.size(1)
         causal = torch.ones(T, total, dtype=torch.bool, device=key_mask.device).tril(total - T)
         mask = causal & key_mask[:, None, None, :]
@@ -188,9 +185,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def prefill(self, prompts, share_prefix=True):
-        """Run token lists of different lengths as one batch: their common start computed once (eval
-        mode, share_prefix), the rest left-padded. Returns the next-token logits (B, vocab) after
-        each, and the key_mask (False at padding) and kv_cache to go on from."""
+        """Run token lists of different lengths as one left-padded batch (their common start once,
+        with share_prefix). Returns the next-token logits (B, vocab) after each, and the key_mask
+        (False at padding) and kv_cache to go on from."""
         kv_cache = KVCache(self.config.n_layer)
         shared, _ = self._shared_start(prompts, kv_cache, share_prefix)
         rows = [p[shared:] for p in prompts]
@@ -205,9 +202,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=(), share_prefix=True):
-        """Continue each token list in prompts; returns one list of new tokens per prompt.
-        temperature 0 is greedy; otherwise sample, from the top_k most likely tokens where given.
-        A row ends after a token in stop_tokens (kept); the loop ends once every row has."""
+        """The new tokens after each token list in prompts: greedy (temperature 0) or sampled (from the
+        top_k likeliest), a row ending after a token in stop_tokens (kept)."""
         logits, key_mask, kv_cache = self.prefill(prompts, share_prefix)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=logits.device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
@@ -231,8 +227,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
-        """GPT-2 weights from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, any GPT-2 hub id)
-        or a local Hugging Face GPT-2 directory. override_args may set dropout and lora_*."""
+        """GPT-2 from a hub id (gpt2, gpt2-medium, ...) or a local Hugging Face directory."""
         from transformers import GPT2LMHeadModel  # only this path needs transformers
         from transformers.utils.logging import disable_progress_bar
         disable_progress_bar()  # a bar per load would bury our own output
@@ -251,8 +246,7 @@ class GPT(nn.Module):
 
     @classmethod
     def uninitialized(cls, config):
-        """A model whose weights are allocated but not initialised, to load into: the random init
-        that loading overwrites would cost seconds for gpt2-medium."""
+        """A model to load weights into, allocated without the random init (seconds for gpt2-medium)."""
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device="cpu")
@@ -263,27 +257,20 @@ class GPT(nn.Module):
     def load_hf_state_dict(self, hf_sd):
         """Copy a Hugging Face GPT2LMHeadModel state dict: Conv1D weights are stored (in, out), so
         they are transposed, and the fused c_attn is split into q, k and v."""
-        sd = self.state_dict()
-        C = self.config.n_embd
-        loaded = set()
+        sd = {}
         for key, value in hf_sd.items():
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue  # causal-mask buffers of old checkpoints; lm_head is tied to wte
+            if key.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # causal-mask buffers of old checkpoints
             if ".c_attn." in key:
                 prefix, kind = key.rsplit(".c_attn.", 1)
-                parts = value.t().split(C, dim=0) if kind == "weight" else value.split(C, dim=0)
-                for proj, part in zip(("q_attn", "k_attn", "v_attn"), parts):
-                    sd[f"{prefix}.{proj}.{kind}"].copy_(part)
-                    loaded.add(f"{prefix}.{proj}.{kind}")
+                parts = (value.t() if kind == "weight" else value).split(self.config.n_embd, dim=0)
+                sd.update({f"{prefix}.{p}_attn.{kind}": part for p, part in zip("qkv", parts)})
             else:
-                sd[key].copy_(value.t() if key.endswith(("c_fc.weight", "c_proj.weight")) else value)
-                loaded.add(key)
-        missing = {k for k in sd if k not in loaded and "lora_" not in k and k != "lm_head.weight"}
+                sd[key] = value.t() if key.endswith(("c_fc.weight", "c_proj.weight")) else value
+        missing = [k for k in self.load_state_dict(sd, strict=False).missing_keys if "lora_" not in k]
         if missing:
-            raise ValueError(f"GPT-2 checkpoint lacks {sorted(missing)[:3]} ({len(missing)} tensors)")
+            raise ValueError(f"GPT-2 checkpoint lacks {missing[:3]} ({len(missing)} tensors)")
 
 
-def count_parameters(model):
-    """(trainable, total) parameter counts; the tied embedding counts once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+def count_parameters(model):  # (trainable, total); the tied embedding counts once
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())

@@ -15,6 +15,7 @@ Every file carries the run's id; files are written atomically and loaded without
 """
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import TRUE, UsageError, fail, is_local_path
+from configurator import TRUE, UsageError, fail, is_local_path, parse_flags
 from lora import lora_state_dict, mark_only_lora_as_trainable
 from model import GPT, GPTConfig
 
@@ -59,6 +60,10 @@ class CheckpointError(UsageError):
     """A checkpoint file that cannot be used; the message says why."""
 
 
+class DataError(UsageError):
+    """A dataset that cannot be used; the message names the split and where."""
+
+
 class Diverged(RuntimeError):
     """The loss or the weights are no longer finite: rerunning the same command will not help."""
 
@@ -67,10 +72,9 @@ class Diverged(RuntimeError):
 def reported_errors(program, debug=False):
     """A mistake the user can fix (flags, data, files, disks) becomes one line and exit status 2; a
     diverged run one line and exit status 1. debug=True shows the traceback instead."""
-    from dataloader import DataError
     try:
         yield
-    except (UsageError, DataError, OSError, Diverged) as e:
+    except (UsageError, OSError, Diverged) as e:
         if debug:
             raise
         if isinstance(e, Diverged):
@@ -98,7 +102,12 @@ def hub_reachable():
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # only the proxy knows; the libraries find out themselves
-    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@functools.lru_cache(maxsize=None)
+def answers(url):
+    endpoint = urllib.parse.urlsplit(url)
     try:
         socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
         return True
@@ -108,7 +117,9 @@ def hub_reachable():
 
 @contextlib.contextmanager
 def loading_weights(flag, name):
-    """GPT-2 weights that cannot be loaded from name: one line that names the flag that fixes it."""
+    """Where name is, checked first (check_source); weights that cannot be loaded from there: one line
+    that names the flag that fixes it."""
+    check_source(flag, name)
     try:
         yield
     except CheckpointError:
@@ -122,8 +133,47 @@ def loading_weights(flag, name):
         raise UsageError(f"{flag}={name!r}: cannot load GPT-2 weights from {name!r}{expected} ({reason}); {hint}") from None
 
 
+def read_jsonl_splits(directory, splits):
+    """{split: records} from directory/<split>.jsonl, a local copy of a dataset: one JSON object
+    {"text": ..., "label": 0 or 1} a line."""
+    return {split: _read_jsonl(os.path.join(directory, f"{split}.jsonl"), split) for split in splits}
+
+
+def _read_jsonl(path, split):
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise DataError(f"{split} split: {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{split} split: {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{split} split: {path}:{n}: malformed JSON ({e.msg})") from None
+        records.append(checked_record(rec, f"{split} split: {path}:{n}"))
+    if not records:
+        raise DataError(f"{split} split: {path} holds no examples")
+    return records
+
+
+def checked_record(rec, where):
+    """{"text", "label"} of a dataset's row: a review and 0 or 1; else one line that says where."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object with 'text' and 'label'")
+    if not isinstance(rec.get("text"), str) or not rec["text"].strip():
+        raise DataError(f"{where}: 'text' is missing or empty")
+    if rec.get("label") not in (0, 1) or isinstance(rec.get("label"), bool):
+        raise DataError(f"{where}: 'label' must be 0 or 1, got {rec.get('label')!r}")
+    return {"text": rec["text"], "label": rec["label"]}
+
+
 def read_reviews(text, file):
-    """The reviews given with generate.py's text= (a list) and file=: one review per line of the
+    """The reviews given with generate.py's text= (a list) and file= (none without them): one per line of the
     file (split at '\n' only: U+0085 and the like stay inside a review), '-' for standard input."""
     texts = list(text)
     try:
@@ -134,10 +184,16 @@ def read_reviews(text, file):
                 texts += f.read().split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"file={file!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    texts = [t.strip() for t in texts if t.strip()]
-    if not texts:
+    reviews = [t.strip() for t in texts if t.strip()]
+    if (text or file) and not reviews:
         raise UsageError("text= and file= hold no review to classify")
-    return texts
+    return reviews
+
+
+def progress(batches, desc, enabled=True):
+    """batches, with a progress bar on standard error that disappears when they are done."""
+    from tqdm.auto import tqdm
+    return tqdm(batches, desc=desc, unit="batch", leave=False, disable=not enabled, file=sys.stderr)
 
 
 def device_name(device):
@@ -243,7 +299,6 @@ def load_model(checkpoint, base=None):
         model = GPT.uninitialized(config)
     else:
         base = base or checkpoint["base"]["init_from"]
-        check_source("base", base)
         with loading_weights("base", base):
             model = GPT.from_pretrained(base, dict(dropout=config.dropout, lora_rank=config.lora_rank,
                                                    lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
@@ -345,11 +400,15 @@ class Run:
         self.run_id = next(iter(found.values()))["run_id"]
         return [(CHECKPOINTS[key][0], checkpoint) for key, checkpoint in zip(which, found.values())]
 
-    def load_checkpoints(self, which, base=""):
-        """(model, [(name, checkpoint)]): the checkpoints, and a model of their base (base= where it is no
-        longer at the run's init_from) with the first one's trained tensors."""
-        checkpoints = self.checkpoints(which)
-        return load_model(checkpoints[0][1], base or None), checkpoints
+    def load_checkpoints(self, config, explicit):
+        """(model, [(name, checkpoint)]): generate.py's checkpoints (its ckpt flag), and a model of their
+        base (config.base where it is no longer at the run's init_from) with the first one's trained
+        tensors. config's dataset and prompt_template become the run's where they were not given."""
+        ckpt = config.ckpt or ("best" if config.text or config.file else "both")
+        checkpoints = self.checkpoints(("best", "last") if ckpt == "both" else (ckpt,))
+        for key in {"dataset", "prompt_template"} - set(explicit):
+            setattr(config, key, checkpoints[0][1]["config"][key])
+        return load_model(checkpoints[0][1], config.base or None), checkpoints
 
     def write_results(self, rows, sets, config):
         """results.json and predictions.json keep a run's complete greedy test evaluations, one row per
@@ -448,6 +507,8 @@ def check_config(config):
     if config.init_from != "scratch":  # a missing directory, or an unreachable hub, is found out now
         check_source("init_from", config.init_from)
     check_source("dataset", config.dataset)
+    from dataloader import get_tokenizer
+    get_tokenizer()  # its files are downloaded once: better to fail now than after loading data and model
 
 
 def start_or_resume(config, explicit, run):
@@ -566,6 +627,10 @@ class TrainingRun(Run):
                                  refresh=False)
             self.bar.update(row["iter"] - self.bar.n)
 
+    def print(self, *args):
+        if self.master:  # one process of a torchrun speaks
+            print(*args)
+
     def close(self):
         if self.bar is not None:  # closed on an error too, so that it ends its line before the message
             self.bar.close()
@@ -580,6 +645,24 @@ class TrainingRun(Run):
               f"{self.path('ckpt_last.pt')} (last); metrics.jsonl beside them")
         if self.wandb:
             self.wandb.finish()
+
+    def check_test_room(self, model):
+        """With eval_test, before training: the test prompts must fit model's context beside the tokens
+        generate.py generates after them."""
+        import generate
+        from dataloader import check_prompt_room
+        if self.config.eval_test:
+            check_prompt_room(self.config.prompt_template, model.config.block_size, generate.FLAGS["max_new_tokens"][0])
+
+    def test_accuracy(self, model, records, device, dtype):
+        """The handout's accuracy lines for both checkpoints on the test split, as generate.py prints
+        them by default, and results.json."""
+        import generate
+        c = self.config
+        config, _ = parse_flags("generate.py", generate.FLAGS, [f"out_dir={c.out_dir}", f"dataset={c.dataset}", f"seed={c.seed}",
+                                                                f"prompt_template={c.prompt_template}", f"batch_size={c.eval_batch_size}"])
+        rows, sets = generate.evaluate(model, self.checkpoints(("best", "last")), records, config, device, dtype)
+        print(f"results: {self.write_results(rows, sets, config)} and predictions.json")
 
     def tested(self):
         """Whether results.json holds this run's test accuracy of both checkpoints as they are."""

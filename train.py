@@ -17,13 +17,10 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
-import generate
 import runs
 from configurator import autocast, device_and_dtype, distributed, parse_flags
-from dataloader import (IGNORE_INDEX, PROMPT_TEMPLATES, CustomDataLoader, by_length, check_prompt_room, get_tokenizer,
-                        load_rotten_tomatoes)
+from dataloader import IGNORE_INDEX, PROMPT_TEMPLATES, CustomDataLoader, by_length, load_rotten_tomatoes
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig, count_parameters
 
@@ -69,8 +66,7 @@ FLAGS = {  # name: (default, help[, allowed values])
 
 
 def build_model(config, run):
-    """Pretrained GPT-2 with LoRA layers (lora_rank > 0) or without (full fine-tuning), a small
-    random GPT (init_from=scratch: every weight trains), or the resumed run's model."""
+    """GPT-2 with LoRA layers (lora_rank > 0) or without, a small random GPT (init_from=scratch), or the resumed run's."""
     if run.resume is not None:
         model = runs.load_model(run.resume, base=config.init_from)
     elif config.init_from == "scratch":
@@ -78,8 +74,8 @@ def build_model(config, run):
                               n_embd=config.n_embd, dropout=config.dropout))
     else:
         with runs.loading_weights("init_from", config.init_from):
-            model = GPT.from_pretrained(config.init_from, dict(dropout=config.dropout, lora_rank=config.lora_rank,
-                                                               lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
+            model = GPT.from_pretrained(config.init_from, {k: getattr(config, k) for k in (
+                "dropout", "lora_rank", "lora_alpha", "lora_dropout")})
     if model.config.lora_rank > 0:
         mark_only_lora_as_trainable(model)
     return model
@@ -100,7 +96,7 @@ def validation_loss(model, loader, config, device, dtype, progress=True):
     model.eval()
     total, count = torch.zeros((), device=device), 0
     batches = loader.batches("validation", config.eval_batch_size, config.eval_iters)
-    for x, y in tqdm(batches, desc="validation", unit="batch", leave=False, disable=not progress, file=sys.stderr):
+    for x, y in runs.progress(batches, "validation", progress):
         with autocast(device, dtype):
             _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=config.share_prefix)
         total += loss.float()
@@ -110,8 +106,7 @@ def validation_loss(model, loader, config, device, dtype, progress=True):
 
 
 def forward_backward(model, loader, scaler, iter_num, config, device, dtype, rank=0, world=1):
-    """Gradients of step iter_num + 1 over its reviews (this process's share of them); returns the
-    step's loss per target token and how many tokens it computed."""
+    """Gradients of step iter_num + 1 over this process's share of its reviews; returns (loss, tokens)."""
     step_reviews = config.batch_size * config.gradient_accumulation_steps
     examples = loader.train_examples(iter_num * step_reviews, step_reviews)
     targets = sum(len(ids) - (n_prompt if config.mask_prompt else 1) for ids, n_prompt in examples)
@@ -122,8 +117,7 @@ def forward_backward(model, loader, scaler, iter_num, config, device, dtype, ran
     for k, batch in enumerate(micro):
         x, y = loader.collate(batch)
         tokens += x.numel()
-        last = k == len(micro) - 1
-        with nullcontext() if world == 1 or last else model.no_sync():  # DDP averages gradients once a step
+        with nullcontext() if world == 1 or k == len(micro) - 1 else model.no_sync():  # DDP syncs once a step
             with autocast(device, dtype):
                 _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=config.share_prefix)
             loss = loss * world / targets  # per target token of the whole step
@@ -134,10 +128,10 @@ def forward_backward(model, loader, scaler, iter_num, config, device, dtype, ran
     return step_loss.item() / world, tokens * world
 
 
-def clip_and_step(optimizer, scaler, params, grad_clip):
+def clip_and_step(optimizer, scaler, grad_clip):
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -150,7 +144,6 @@ def train(model, loader, run, device, dtype, rank=0, world=1):
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
     iter_num, best_val_loss = run.restore(optimizer, scaler, device)
     evaluated = iter_num if run.resume else -1  # a resumed run was evaluated at its iteration before saving it
-    trained = [p for p in model.parameters() if p.requires_grad]
     step_model = torch.compile(model) if config.compile else model
     if world > 1:
         step_model = DDP(step_model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
@@ -178,7 +171,7 @@ def train(model, loader, run, device, dtype, rank=0, world=1):
             raise runs.Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
         if ckpt_due:  # the state whose loss has just proved finite, before the step changes it
             run.save("ckpt_last.pt", model, iter_num, best_val_loss, optimizer, scaler, rng)
-        clip_and_step(optimizer, scaler, trained, config.grad_clip)
+        clip_and_step(optimizer, scaler, config.grad_clip)
         iter_num += 1
         run.log(iter=iter_num, train_loss=train_loss, lr=config.learning_rate, tokens=tokens,
                 step_time=round(time.time() - t0, 4))
@@ -193,21 +186,17 @@ def main(argv):
         with runs.open_run(config, explicit, "train.py", master=rank == 0) as run:
             config = run.config
             torch.manual_seed(config.seed + rank)
-            get_tokenizer()  # downloaded once; better to fail now than after loading the data and the model
             records = load_rotten_tomatoes(config.dataset)  # bad data stops the run before the model loads
             model = build_model(config, run).to(device)
             loader = CustomDataLoader(records, model.config.block_size, config.prompt_template, config.mask_prompt,
                                       config.seed)
-            if config.eval_test:  # the test prompts at the end must fit beside the answer's tokens
-                check_prompt_room(config.prompt_template, model.config.block_size, generate.FLAGS["max_new_tokens"][0])
-            if run.master:
-                trainable, total = count_parameters(model)
-                print(f"{config.init_from} on {device} ({dtype}); trainable parameters: {trainable:,} of {total:,} "
-                      f"({100 * trainable / total:.2f}%)\n{len(loader.examples['train'])} train, "
-                      f"{len(loader.examples['validation'])} validation examples; {loader.truncated} truncated to fit")
+            run.check_test_room(model)  # the test prompts at the end, and their answers, fit the context
+            trainable, total = count_parameters(model)
+            run.print(f"{config.init_from} on {device} ({dtype}); trainable parameters: {trainable:,} of {total:,} "
+                      f"({100 * trainable / total:.2f}%); {loader.truncated} reviews truncated to fit")
             train(model, loader, run, device, dtype, rank, world)
-            if config.eval_test and run.master and not run.tested():  # the handout's lines, as generate.py prints them
-                generate.test_accuracy(model, run, loader.records["test"], device, dtype)
+            if config.eval_test and run.master and not run.tested():
+                run.test_accuracy(model, loader.records["test"], device, dtype)
         if world > 1:
             dist.destroy_process_group()
 
