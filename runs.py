@@ -358,13 +358,15 @@ class Run:
     def __init__(self, out_dir, program, create=True, lock=True):
         self.out_dir, self.made, self.lock_fd, self.run_id = out_dir, [], None, None
         check_out_dir(out_dir)
-        missing = os.path.abspath(out_dir)
-        while create and not os.path.exists(missing):
-            self.made.append(missing)
-            missing = os.path.dirname(missing)
-        for path in reversed(self.made):
+        missing = []
+        path = os.path.abspath(out_dir)
+        while create and not os.path.exists(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for path in reversed(missing):
             with contextlib.suppress(FileExistsError):  # another process may make it at the same moment
                 os.mkdir(path)
+                self.made.insert(0, path)
         if lock and os.path.isdir(out_dir):
             self.lock_fd = take_lock(out_dir, program)
 
@@ -470,6 +472,9 @@ def take_lock(out_dir, program):
             os.close(fd)
             raise UsageError(f"out_dir={out_dir!r} is in use by {holder}; wait for it to end or choose another "
                              "out_dir") from None
+    if not os.path.exists(path) or not os.path.samestat(os.stat(path), os.fstat(fd)):
+        os.close(fd)  # removed by a process that gave out_dir up as we opened it
+        raise UsageError(f"out_dir={out_dir!r} changed hands as this process started; run it again")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{program} (process {os.getpid()})\n".encode(), 0)
     return fd

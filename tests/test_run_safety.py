@@ -87,6 +87,25 @@ def test_a_second_process_is_refused_while_a_run_holds_out_dir(straight_run, hf_
     assert losses(out) == losses(straight_run)  # one run's log, not two interleaved
 
 
+def test_two_runs_started_together_on_a_new_out_dir_never_mix(straight_run, hf_gpt2_dir, small_data_dir, tmp_path):
+    out = tmp_path / "new" / "run"  # neither it nor its parent exists yet
+    flags = tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1]
+    first, second = (subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(2))
+    results = [(p.pid, p.communicate(timeout=300)[1]) for p in (first, second)]  # read as they run: pipes never fill
+    results = [(pid, p.returncode, err) for (pid, err), p in zip(results, (first, second))]
+    codes = sorted(code for _, code, _ in results)
+    assert codes == [0, 2], results
+    (winner, _, _), = [r for r in results if r[1] == 0]
+    (_, _, refused), = [r for r in results if r[1] == 2]
+    assert refused.endswith(f"train.py: error: out_dir={str(out)!r} is in use by train.py (process {winner}); wait for "
+                            "it to end or choose another out_dir\n") and refused.count("error") == 1
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl"]
+    assert losses(out) == losses(straight_run)  # one run's log, whole
+    expected, got = load_checkpoint(straight_run / "ckpt_last.pt"), load_checkpoint(out / "ckpt_last.pt")
+    assert all(torch.equal(value, got["model"][key]) for key, value in expected["model"].items())
+
+
 def test_lock_is_released_by_a_failed_run(finished_run, capsys):
     out, _ = finished_run
     with pytest.raises(SystemExit):
