@@ -1,7 +1,10 @@
 """Shared fixtures: small random GPT-2 checkpoints in Hugging Face format, the real data, and tiny runs."""
+import hashlib
 import json
 import os
+import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,13 +33,62 @@ def hf_gpt2_dir(tmp_path_factory):
     return path
 
 
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-gpt2-tests"
+BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+WAYS_OUT = ("connect to the internet once (both are then kept in {cache}), or set ROTTEN_TOMATOES_DIR to a directory with "
+            'train.jsonl, validation.jsonl and test.jsonl (one {{"text": ..., "label": 0 or 1}} object a line) and '
+            "TIKTOKEN_CACHE_DIR to one with GPT-2's vocab.bpe and encoder.json under tiktoken's cache names (README.md, Tests)")
+
+
+def reachable(host):
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def fetch_test_data():
+    """The splits and the tokenizer files the tests need: from ROTTEN_TOMATOES_DIR and TIKTOKEN_CACHE_DIR
+    where set; else downloaded once through the project's own loaders into CACHE. None, or what is missing."""
+    import runs
+    from dataloader import SPLITS, get_tokenizer, load_rotten_tomatoes
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(CACHE / "tiktoken"))
+    cached = [Path(os.environ["TIKTOKEN_CACHE_DIR"]) / hashlib.sha1(f"{BPE_URL}{name}".encode()).hexdigest()
+              for name in ("vocab.bpe", "encoder.json")]
+    if not all(p.exists() for p in cached) and not reachable("openaipublic.blob.core.windows.net"):
+        return f"no GPT-2 tokenizer files in TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} and no internet"
+    try:
+        get_tokenizer()
+    except runs.DataError as e:
+        return str(e)
+    if "ROTTEN_TOMATOES_DIR" in os.environ and not Path(os.environ["ROTTEN_TOMATOES_DIR"]).is_dir():
+        return f"ROTTEN_TOMATOES_DIR={os.environ['ROTTEN_TOMATOES_DIR']} is not a directory"
+    if "ROTTEN_TOMATOES_DIR" not in os.environ:
+        os.environ["ROTTEN_TOMATOES_DIR"] = str(CACHE / "rotten_tomatoes")
+        if not (CACHE / "rotten_tomatoes").is_dir():
+            if not runs.hub_reachable():
+                return "ROTTEN_TOMATOES_DIR is not set and the Hugging Face hub cannot be reached"
+            splits = load_rotten_tomatoes("rotten_tomatoes")
+            CACHE.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=CACHE))
+            for split in SPLITS:
+                (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits[split]), encoding="utf-8")
+            os.replace(tmp, CACHE / "rotten_tomatoes")
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_data():
+    missing = fetch_test_data()
+    if missing:
+        pytest.exit(f"{missing}: {WAYS_OUT.format(cache=CACHE)}", returncode=3)
+
+
 @pytest.fixture(scope="session")
-def data_dir():
-    """The real Rotten Tomatoes splits as local JSONL; CI sets ROTTEN_TOMATOES_DIR."""
-    path = os.environ.get("ROTTEN_TOMATOES_DIR")
-    if not path:
-        pytest.fail("ROTTEN_TOMATOES_DIR is not set: point it at the local rotten_tomatoes copy")
-    return Path(path)
+def data_dir(test_data):
+    """The real Rotten Tomatoes splits as local JSONL."""
+    return Path(os.environ["ROTTEN_TOMATOES_DIR"])
 
 
 @pytest.fixture(scope="session")
