@@ -569,7 +569,7 @@ def resume_config(config, explicit, run):
 class TrainingRun(Run):
     """The run train.py trains: its config, the checkpoint it resumes from, and what it writes."""
     config = resume = base = run_id = bar = wandb = None
-    master, started = True, False
+    master, started, rows, t0 = True, False, (), 0.0
 
     def restore(self, optimizer, scaler, device):
         """(iter_num, best validation loss) to start from: a resumed run's, with its optimizer, loss

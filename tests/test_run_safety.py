@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -330,3 +331,21 @@ def test_metrics_lines_that_are_not_rows_do_not_stop_a_resume(finished_run, hf_g
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(isinstance(r.get("iter"), int) for r in rows)
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_that_are_not_finite_are_never_saved(finished_run, tmp_path, bad):
+    import runs
+    out, _ = finished_run
+    model = runs.load_model(load_checkpoint(out / "ckpt_last.pt"))
+    run = runs.TrainingRun(str(tmp_path / "new"), "test")
+    run.config, run.resume, run.run_id = SimpleNamespace(**load_checkpoint(out / "ckpt.pt")["config"]), None, "test"
+    run.config.out_dir = str(tmp_path / "new")
+    run.save("ckpt.pt", model, 4, 1.0)
+    saved = (tmp_path / "new" / "ckpt.pt").read_bytes()
+    with torch.no_grad():
+        model.transformer.h[1].attn.v_attn.lora_B[3, 2] = bad
+    with pytest.raises(runs.Diverged, match="^the weights are not finite at iteration 5; checkpoints left as they were$"):
+        run.save("ckpt.pt", model, 5, 1.0)
+    assert (tmp_path / "new" / "ckpt.pt").read_bytes() == saved
+    run.close()
