@@ -117,7 +117,8 @@ def evaluate(model, checkpoints, records, config, device, dtype):
             tag = f" [{method}]" if method == "logprob" else (f" [{parse}]" if parse != "near_start" else "")
             print(f"{report_line(name + tag, summary)}\n  {len(records)} reviews in {seconds:.1f} s "
                   f"({len(records) / seconds:.1f} reviews/s)")
-            rows.append(dict(checkpoint=name, method=method, parse=parse, seconds=round(seconds, 3), **summary,
+            rows.append(dict(checkpoint=name, iter_num=checkpoint and checkpoint["iter_num"], method=method, parse=parse,
+                             seconds=round(seconds, 3), **summary,
                              settings=dict(vars(config), device=runs.device_name(device))))
             sets.append(dict(checkpoint=name, method=method, parse=parse, records=preds))
     return rows, sets

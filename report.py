@@ -78,12 +78,8 @@ def run_state(out_dir):
 
 
 def is_finished(out_dir, state):
-    """The run has ended, and both its checkpoints have a complete test accuracy in results.json."""
-    results = read_results(out_dir)
-    if not results or not os.path.isfile(os.path.join(out_dir, "ckpt_last.pt")) or results["run_id"] != state["run_id"]:
-        return False
-    names = {r["checkpoint"] for r in results["results"] if (r["method"], r["parse"]) == ("generate", "near_start")}
-    return {"Best Val Checkpoint", "Last Iter Checkpoint"} <= names
+    """The run has reached its max_iters, and results.json holds both its checkpoints' test accuracy."""
+    return state["iter_num"] == state["config"]["max_iters"] and runs.is_tested(out_dir)
 
 
 def first_difference(saved, train_argv):

@@ -425,15 +425,31 @@ class Run:
         results_path, predictions_path = map(self.path, names)
         old = read_json(results_path) if complete else None
         if old and old.get("run_id") == run_id:  # keep the rows this evaluation does not replace
-            new = {row_key(r) for r in rows}
-            rows = [r for r in old["results"] if row_key(r) not in new] + rows
-            sets = [s for s in read_json(predictions_path) or [] if row_key(s) not in new] + sets
+            new, now = {row_key(r) for r in rows}, {r["checkpoint"]: r["iter_num"] for r in rows}
+            kept = {row_key(r) for r in old["results"] if row_key(r) not in new and now.get(r["checkpoint"], r.get("iter_num"))
+                    == r.get("iter_num")}  # a row of an earlier state of a checkpoint evaluated now is dropped
+            rows = [r for r in old["results"] if row_key(r) in kept] + rows
+            sets = [s for s in read_json(predictions_path) or [] if row_key(s) in kept] + sets
         write_json(predictions_path, sets)
         write_json(results_path, dict(run_id=run_id, split=split, complete=complete, results=rows))
         return results_path
 
 
 CHECKPOINTS = {"best": ("Best Val Checkpoint", "ckpt.pt"), "last": ("Last Iter Checkpoint", "ckpt_last.pt")}
+
+
+def is_tested(out_dir):
+    """Whether results.json holds the greedy test accuracy of both of out_dir's checkpoints as they are
+    now: rows of their run, at their iterations."""
+    results, at = read_json(os.path.join(out_dir, "results.json")) or {}, {}
+    for name, filename in CHECKPOINTS.values():
+        path = os.path.join(out_dir, filename)
+        if not os.path.isfile(path):
+            return False
+        checkpoint = load_checkpoint(path, mmap=True)  # tensors mapped, not read
+        at[name] = checkpoint["run_id"], checkpoint["iter_num"]
+    return all(any((r["checkpoint"], r["method"], r["parse"]) == (name, "generate", "near_start") and
+                   (results.get("run_id"), r.get("iter_num")) == at[name] for r in results.get("results", [])) for name in at)
 
 
 def row_key(row):
@@ -500,7 +516,9 @@ def open_run(config, explicit, program="train.py", master=True):
     run.base = run.resume["base"] if run.resume else None
     if master:
         print("".join(f"{k} = {v!r}\n" for k, v in vars(run.config).items()), end="")
-        if run.resume:
+        if run.resume and run.resume["iter_num"] == run.config.max_iters:
+            print(f"{run.out_dir} holds this run finished at iteration {run.config.max_iters}: nothing to train")
+        elif run.resume:
             print(f"resuming {run.out_dir} at iteration {run.resume['iter_num']} of {run.config.max_iters}")
     return run
 
@@ -551,12 +569,19 @@ def resume_config(config, explicit, run):
     if not os.path.isfile(best):
         raise CheckpointError(f"{path} has no {best} beside it; continue the run from a whole copy of its out_dir")
     same_run({path: state, best: load_checkpoint(best)})  # files of two runs never continue as one
+    results = read_json(run.path("results.json"))
+    if results is not None and results.get("run_id") != state["run_id"]:
+        raise CheckpointError(f"{run.path('results.json')} belongs to run {results.get('run_id')}, {path} to run "
+                              f"{state['run_id']}; nothing was changed")
     saved = state["config"]
     for key in ARCHITECTURE:
         if key in explicit and getattr(config, key) != saved[key]:
             raise UsageError(f"{key}={getattr(config, key)!r} differs from the checkpoint's {key}={saved[key]!r} "
                              f"in {path}; drop the flag or use a new out_dir")
     merged = SimpleNamespace(**dict(saved, **{k: getattr(config, k) for k in set(explicit) | set(MACHINE) if k != "init_from"}))
+    if state["iter_num"] > merged.max_iters:
+        raise UsageError(f"out_dir={run.out_dir!r} holds a run at iteration {state['iter_num']}, past max_iters="
+                         f"{merged.max_iters}; nothing was changed: give max_iters={state['iter_num']} or more to continue it")
     if "init_from" in explicit and config.init_from not in ("resume", saved["init_from"]):
         if state["base"] is None:
             raise UsageError(f"init_from={config.init_from!r} differs from the resumed run's init_from="
@@ -671,10 +696,7 @@ class TrainingRun(Run):
         print(f"results: {self.write_results(rows, sets, config)} and predictions.json")
 
     def tested(self):
-        """Whether results.json holds this run's test accuracy of both checkpoints as they are."""
-        results = read_json(self.path("results.json")) or {}
-        names = {r["checkpoint"] for r in results.get("results", []) if (r["method"], r["parse"]) == ("generate", "near_start")}
-        return results.get("run_id") == self.run_id and {name for name, _ in CHECKPOINTS.values()} <= names
+        return is_tested(self.out_dir)
 
     def _first_write(self):
         """Before the first write: a new run removes an earlier run's files (now that every check has

@@ -349,3 +349,35 @@ def test_weights_that_are_not_finite_are_never_saved(finished_run, tmp_path, bad
         run.save("ckpt.pt", model, 5, 1.0)
     assert (tmp_path / "new" / "ckpt.pt").read_bytes() == saved
     run.close()
+
+
+def test_a_finished_run_is_left_alone_and_never_resumed_backwards(evaluated_run, hf_gpt2_dir, small_data_dir, capsys):
+    out = evaluated_run
+    before = {name: data for name, data in files(out).items() if name != ".lock"}
+    for asked, flags in ((2, ["init_from=resume", f"out_dir={out}"]), (3, tiny_run_flags(hf_gpt2_dir, small_data_dir, out))):
+        fails_with(capsys, 2, f"train.py: error: out_dir={str(out)!r} holds a run at iteration 4, past max_iters={asked}; "
+                   "nothing was changed: give max_iters=4 or more to continue it", run_train, *flags, f"max_iters={asked}")
+    fails_with(capsys, 2, "train.py: error: overwrite=true contradicts resume=auto and init_from=resume: give one of them",
+               run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "overwrite=true")
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "eval_test=true")  # the same command again
+    printed = capsys.readouterr().out
+    assert f"{out} holds this run finished at iteration 4: nothing to train" in printed and "Accuracy" not in printed
+    assert {name: data for name, data in files(out).items() if name != ".lock"} == before
+
+
+def test_extending_a_run_keeps_no_result_of_its_earlier_checkpoints(evaluated_run, hf_gpt2_dir, small_data_dir):
+    import report
+    out = evaluated_run
+    generate.main([f"out_dir={out}", "device=cpu", "method=logprob"])
+    assert report.is_finished(str(out), load_checkpoint(out / "ckpt_last.pt"))
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6", "eval_test=true")
+    results = json.loads((out / "results.json").read_text())["results"]
+    at = {"Best Val Checkpoint": load_checkpoint(out / "ckpt.pt")["iter_num"], "Last Iter Checkpoint": 6}
+    assert {(r["checkpoint"], r["method"]) for r in results} >= {(name, "generate") for name in at}
+    assert all(r["iter_num"] == at[r["checkpoint"]] for r in results), results  # none describes iteration 4's state
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert [(p["checkpoint"], p["method"]) for p in predictions] == [(r["checkpoint"], r["method"]) for r in results]
+    last = load_checkpoint(out / "ckpt_last.pt")
+    assert report.is_finished(str(out), last)
+    torch.save(dict(last, config=dict(last["config"], max_iters=8)), out / "ckpt_last.pt")  # as an extension killed early
+    assert not report.is_finished(str(out), load_checkpoint(out / "ckpt_last.pt"))
