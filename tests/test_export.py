@@ -143,3 +143,17 @@ def test_an_adapter_is_refused_on_another_base(lora_run, hf_gpt2_dir, small_data
     shutil.copytree(hf_gpt2_dir, moved)
     export.main([f"out_dir={lora_run}", "format=hf", f"dest={tmp_path / 'merged'}", f"base={moved}"])
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("key", ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight",
+                                 "transformer.h.1.attn.c_proj.weight", "transformer.wte.weight"])
+def test_a_base_with_one_row_changed_is_another_base(lora_run, hf_gpt2_dir, tmp_path, key):
+    from runs import CheckpointError
+    edited = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir)
+    with torch.no_grad():
+        edited.state_dict()[key][5] += 1.0
+    edited.save_pretrained(tmp_path / "edited")
+    checkpoint = load_checkpoint(lora_run / "ckpt.pt")
+    with pytest.raises(CheckpointError, match=f"^the adapter was trained on {hf_gpt2_dir} \\(weights "):
+        load_model(checkpoint, str(tmp_path / "edited"))
+    load_model(checkpoint, str(hf_gpt2_dir))  # the same weights are the same base
