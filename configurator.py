@@ -7,8 +7,10 @@ Each flag's type is its default's type (a list default makes a flag that may rep
 learning_rate. A mistake exits with status 2 and one line that names the flag.
 """
 import contextlib
+import ctypes
 import difflib
 import os
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -37,7 +39,7 @@ def _unquote(text):
     return text
 
 
-def _canonical(name, flags):
+def canonical(name, flags):
     key = name.strip().replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in flags:
@@ -87,7 +89,7 @@ def _read_config_file(path, flags):
     for name, value in namespace.items():
         if name.startswith("_") or callable(value) or type(value).__name__ == "module":
             continue
-        key = _canonical(name, flags)
+        key = canonical(name, flags)
         default = flags[key][0]
         ok = isinstance(value, type(default)) and (isinstance(value, bool) == isinstance(default, bool))
         ok = ok or (isinstance(default, float) and type(value) is int)
@@ -103,7 +105,7 @@ def _next_flag(args, flags):
     arg = args.pop(0)
     if arg.startswith("--"):
         name, has_value, text = arg[2:].partition("=")
-        key = _canonical(name, flags)
+        key = canonical(name, flags)
         if not has_value:
             if isinstance(flags[key][0], bool):  # a bare --flag means true; a following true/false is its value
                 text = args.pop(0) if args and args[0].strip().lower() in TRUE + FALSE else "true"
@@ -114,7 +116,7 @@ def _next_flag(args, flags):
         return key, text
     if "=" in arg and not arg.startswith("-"):
         name, _, text = arg.partition("=")
-        return _canonical(name, flags), text
+        return canonical(name, flags), text
     if arg.startswith("-"):
         raise UsageError(f"unknown option {arg!r} (flags are key=value or --key=value; -h lists them)")
     args.insert(0, arg)
@@ -194,6 +196,12 @@ def is_local_path(name):
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0]))
 
 
+def end_with_parent():
+    """Linux: have the kernel kill this process when its parent dies (elsewhere: nothing)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def device_and_dtype(device, dtype):
     """The device and precision to run on. device auto: CUDA where present, else the CPU. dtype auto:
     bfloat16 on CUDA cards that support it, float16 on older ones (a T4), float32 elsewhere."""
@@ -228,6 +236,7 @@ def distributed(device):
                          f"{os.environ.get('LOCAL_RANK')!r}: expected whole numbers, as torchrun sets them") from None
     if world <= 1:
         return 0, 1, device
+    end_with_parent()  # a killed torchrun takes its workers along, and the lock they hold
     import torch
     import torch.distributed as dist
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")

@@ -89,8 +89,9 @@ def load_rotten_tomatoes(dataset="rotten_tomatoes"):
         from datasets import load_dataset  # only the hub path needs it
         hub = load_dataset(HUB_NAMES.get(dataset, dataset))
     except Exception as e:
-        raise DataError(f"cannot load dataset {dataset!r} from the hub ({str(e).splitlines()[0]}); give a local "
-                        "copy instead: dataset=DIR, a directory with train.jsonl, validation.jsonl, test.jsonl") from None
+        reason = (str(e).splitlines() or [repr(e)])[0]
+        raise DataError(f"cannot load dataset {dataset!r} from the hub ({reason}); give a local copy instead: "
+                        "dataset=DIR, a directory with train.jsonl, validation.jsonl, test.jsonl") from None
     if any(s not in hub or len(hub[s]) == 0 for s in SPLITS):
         raise DataError(f"hub dataset {dataset} lacks a split of {', '.join(SPLITS)}, or it is empty")
     return {s: [runs.checked_record(rec, f"{s} split: {dataset} row {n}") for n, rec in enumerate(hub[s])] for s in SPLITS}

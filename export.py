@@ -87,8 +87,7 @@ def check_dest(dest):
         raise UsageError("dest= is required: the directory to write the export to")
     if os.path.isdir(dest) and os.listdir(dest):
         raise UsageError(f"dest={dest!r} exists and is not empty; choose a new directory")
-    if os.path.exists(dest) and not os.path.isdir(dest):
-        raise UsageError(f"dest={dest!r} is a file, not a directory")
+    runs.check_out_dir(dest, "dest")
 
 
 def export(config):

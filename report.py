@@ -24,7 +24,7 @@ import torch
 
 import runs
 import train
-from configurator import fail, parse_flags
+from configurator import UsageError, canonical, end_with_parent, fail, parse_flags
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig, count_parameters
 
@@ -56,7 +56,7 @@ FLAGS = {
     "overwrite": (False, "replace a run whose settings differ from the ones asked for now (else report.py stops)"),
 }
 # train.py flags that do not change a run's result: a run made with other values of these is reused
-NOT_COMPARED = {"out_dir", "resume", "overwrite", "eval_test", "device", "dtype", "compile", "debug", "ckpt_interval",
+NOT_COMPARED = {"out_dir", "resume", "overwrite", "eval_test", "device", "compile", "debug", "ckpt_interval",
                 "eval_batch_size", "wandb_log", "wandb_project", "wandb_run_name"}
 
 
@@ -84,7 +84,7 @@ def is_finished(out_dir, state):
 
 def first_difference(saved, train_argv):
     """(flag, saved value, value asked for now) of the first result-changing difference, or None."""
-    asked, _ = parse_flags("train.py", train.FLAGS, train_argv)
+    asked, _ = parse_flags("report.py", train.FLAGS, train_argv)
     asked = vars(asked)
     return next(((k, saved.get(k), asked[k]) for k in train.FLAGS if k not in NOT_COMPARED and saved.get(k) != asked[k]),
                 None)
@@ -92,7 +92,7 @@ def first_difference(saved, train_argv):
 
 def run_command(cmd):
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, preexec_fn=end_with_parent).returncode != 0:  # a killed report.py leaves no run behind
         print("report.py: error: that command failed; rerun report.py to continue where it stopped", file=sys.stderr)
         sys.exit(1)
 
@@ -109,14 +109,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def train_argv(config, run):
-    """train.py's flags for one run of the grid."""
-    argv = [*shlex.split(RUNS[run][1]), f"out_dir={os.path.join(config.results_dir, run)}",
-            "resume=auto", "eval_test=true", f"init_from={config.init_from}", f"dataset={config.dataset}",
-            f"device={config.device}", *shlex.split(config.extra)]
-    return argv + ([f"max_iters={config.max_iters}"] if config.max_iters else [])
+    """train.py's flags for one run of the grid: the run's own, report.py's, then extra; the last
+    of a flag given twice wins."""
+    try:
+        extra = shlex.split(config.extra)
+        flags = [*shlex.split(RUNS[run][1]), f"out_dir={os.path.join(config.results_dir, run)}", "resume=auto",
+                 "eval_test=true", f"init_from={config.init_from}", f"dataset={config.dataset}", f"device={config.device}",
+                 *extra, *([f"max_iters={config.max_iters}"] if config.max_iters else [])]
+        return list({canonical(f.partition("=")[0].lstrip("-"), train.FLAGS): f for f in flags}.values())
+    except (ValueError, UsageError) as e:
+        fail("report.py", f"extra={config.extra!r}: {e}")
 
 
 def run_grid(config, names):
+    for run in names:  # every run's flags are checked before the first one starts
+        parse_flags("report.py", train.FLAGS, train_argv(config, run))
     if config.zero_shot:
         out_dir = os.path.join(config.results_dir, "zero_shot")
         if zero_shot_row(config):
@@ -133,7 +140,7 @@ def run_grid(config, names):
             fail("report.py", f"{out_dir} holds a run with other settings ({difference[0]}={difference[1]!r} there, "
                               f"{difference[2]!r} asked for now); replace it with overwrite=true, or choose another results_dir")
         if difference:
-            argv[argv.index("resume=auto")] = "overwrite=true"
+            argv = [f for f in argv if not f.startswith("resume=")] + ["overwrite=true"]
         elif state and is_finished(out_dir, state):
             print(f"{run}: done already ({out_dir})")
             continue

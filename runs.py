@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import socket
 import stat
 import sys
@@ -263,10 +264,11 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     except FileNotFoundError:
         raise
     except Exception as e:
-        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e).upper():
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):
             raise CheckpointError(f"{path} needs pickled code to load; refused (only tensors and "
                                   "plain data are loaded, for safety)") from None
-        reason = "an empty file" if os.path.getsize(path) == 0 else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        text = str(e).split("WeightsUnpickler error:")[-1]  # not PyTorch's advice to load it unsafely
+        reason = "an empty file" if os.path.getsize(path) == 0 else (text.strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path} is corrupt or truncated ({reason})") from None
     if not isinstance(checkpoint, dict) or "model_args" not in checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint of this project")
@@ -297,6 +299,9 @@ def load_model(checkpoint, base=None):
         raise CheckpointError(f"the checkpoint's model_args are not this model's settings ({e})") from None
     if config.n_embd % config.n_head or (config.lora_rank > 0) != (checkpoint["base"] is not None):
         raise CheckpointError(f"the checkpoint's model_args are inconsistent: {checkpoint['model_args']}")
+    with torch.device("meta"):  # its shapes, allocating nothing: model_args may be damaged
+        check_tensors(trained_state(mark_only_lora_as_trainable(GPT(config)) if config.lora_rank else GPT(config)),
+                      checkpoint)
     if checkpoint["base"] is None:
         model = GPT.uninitialized(config)
     else:
@@ -320,7 +325,12 @@ def load_model(checkpoint, base=None):
 def load_trained(model, checkpoint):
     """Copy a checkpoint's trained tensors into model (a model of the same run's shape)."""
     model.train()  # LoRA unmerged first: eval() merges the new A and B afresh
-    state, expected = checkpoint["model"], trained_state(model)
+    check_tensors(trained_state(model), checkpoint)
+    model.load_state_dict(checkpoint["model"], strict=False)
+
+
+def check_tensors(expected, checkpoint):
+    state = checkpoint["model"]
     if set(state) != set(expected):
         raise CheckpointError(f"the checkpoint's tensors do not match the model: {len(set(state) - set(expected))} "
                               f"unexpected, {len(set(expected) - set(state))} missing")
@@ -328,29 +338,28 @@ def load_trained(model, checkpoint):
     if wrong:
         raise CheckpointError(f"the checkpoint's {wrong} has shape {tuple(state[wrong].shape)}, the model's "
                               f"{tuple(expected[wrong].shape)}: its tensors and model_args disagree")
-    model.load_state_dict(state, strict=False)
 
 
 # -----------------------------------------------------------------------------
 # the run directory
 
-def check_out_dir(out_dir):
-    """Fail before any work where out_dir cannot hold a run's files."""
+def check_out_dir(out_dir, flag="out_dir"):
+    """Fail before any work where the directory named by flag cannot be made or written."""
     if not out_dir.strip():
-        raise UsageError("out_dir is empty: name a directory for the run's files")
+        raise UsageError(f"{flag} is empty: name a directory for the run's files")
     if os.path.islink(out_dir) and not os.path.exists(out_dir):
-        raise UsageError(f"out_dir={out_dir!r} is a symbolic link to {os.readlink(out_dir)!r}, which does not exist")
+        raise UsageError(f"{flag}={out_dir!r} is a symbolic link to {os.readlink(out_dir)!r}, which does not exist")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"out_dir={out_dir!r} is a file, not a directory")
+        raise UsageError(f"{flag}={out_dir!r} is a file, not a directory")
     existing = os.path.abspath(out_dir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"out_dir={out_dir!r} cannot be created: {existing} is a file")
+        raise UsageError(f"{flag}={out_dir!r} cannot be created: {existing} is a file")
     try:  # permissions, a read-only disk: only trying tells
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".probe-"))
     except OSError as e:
-        raise UsageError(f"out_dir={out_dir!r} cannot be written: {existing}: {e.strerror}") from None
+        raise UsageError(f"{flag}={out_dir!r} cannot be written: {existing}: {e.strerror}") from None
 
 
 class Run:
@@ -509,13 +518,14 @@ def open_run(config, explicit, program="train.py", master=True):
     run = TrainingRun(config.out_dir, program, create=master, lock=master)
     try:
         run.config, run.resume = start_or_resume(config, explicit, run)
-        check_config(run.config)
+        check_config(run.config, run.resume)
     except BaseException:
         run.close()
         raise
     run.master = master
     run.run_id = run.resume["run_id"] if run.resume else uuid.uuid4().hex[:12]
     run.base = run.resume["base"] if run.resume else None
+    run.config.wandb_log = run.config.wandb_log or bool(wandb_key())  # printed and saved as it is in effect
     if master:
         print("".join(f"{k} = {v!r}\n" for k, v in vars(run.config).items()), end="")
         if run.resume and run.resume["iter_num"] == run.config.max_iters:
@@ -525,12 +535,19 @@ def open_run(config, explicit, program="train.py", master=True):
     return run
 
 
-def check_config(config):
-    """What the flags alone cannot say: settings that disagree, sources that are missing."""
+def check_config(config, resume):
+    """What the flags alone cannot say: settings that disagree, sources that are missing, a LoRA rank
+    past the layers' width (before anything of that size is allocated)."""
     if config.n_embd % config.n_head:
         raise UsageError(f"n_embd={config.n_embd}: must be a multiple of n_head={config.n_head}")
+    if not config.dataset.strip():
+        raise UsageError("dataset is empty: name a hub dataset or a local directory")
     if config.init_from != "scratch":  # a missing directory, or an unreachable hub, is found out now
-        check_source("init_from", config.init_from)
+        with loading_weights("init_from", config.init_from):
+            from transformers import GPT2Config
+            width = GPT2Config.from_pretrained(config.init_from).n_embd if resume is None else config.lora_rank
+        if config.lora_rank > width:
+            raise UsageError(f"lora_rank={config.lora_rank}: must be at most {width}, the width of {config.init_from}'s layers")
     check_source("dataset", config.dataset)
     from dataloader import get_tokenizer
     get_tokenizer()  # its files are downloaded once: better to fail now than after loading data and model
@@ -679,13 +696,19 @@ class TrainingRun(Run):
         if self.wandb:
             self.wandb.finish()
 
-    def check_test_room(self, model):
-        """With eval_test, before training: the test prompts must fit model's context beside the tokens
-        generate.py generates after them."""
+    def check_sizes(self, model, loader, world=1):
+        """What only the model and the data tell, before training: a step's reviews fit in the train
+        split and divide among the processes, and (with eval_test) the test prompts fit the context
+        beside generate.py's answer."""
         import generate
         from dataloader import check_prompt_room
-        if self.config.eval_test:
-            check_prompt_room(self.config.prompt_template, model.config.block_size, generate.FLAGS["max_new_tokens"][0])
+        c = self.config
+        step = c.batch_size * c.gradient_accumulation_steps
+        if step > len(loader.examples["train"]) or step % world:
+            raise UsageError(f"batch_size x gradient_accumulation_steps = {step} reviews a step: more than the "
+                             f"{len(loader.examples['train'])} of the train split, or not divisible by {world} processes")
+        if c.eval_test:
+            check_prompt_room(c.prompt_template, model.config.block_size, generate.FLAGS["max_new_tokens"][0])
 
     def test_accuracy(self, model, records, device, dtype):
         """The handout's accuracy lines for both checkpoints on the test split, as generate.py prints
@@ -706,6 +729,8 @@ class TrainingRun(Run):
         if self.started:
             return
         self.started = True
+        if self.resume is None:  # an earlier run's wandb files too
+            shutil.rmtree(self.path("wandb"), ignore_errors=True)
         for name in RUN_FILES + tuple(os.listdir(self.out_dir)):
             temporary = re.fullmatch(r"\.(.+)\.\w+\.tmp", name)  # left by a process killed while writing
             if (self.resume is None and name in RUN_FILES) or (temporary and temporary[1] in RUN_FILES):

@@ -190,7 +190,7 @@ def main(argv):
             model = build_model(config, run).to(device)
             loader = CustomDataLoader(records, model.config.block_size, config.prompt_template, config.mask_prompt,
                                       config.seed)
-            run.check_test_room(model)  # the test prompts at the end, and their answers, fit the context
+            run.check_sizes(model, loader, world)  # a step fits in the train split, a test prompt in the context
             trainable, total = count_parameters(model)
             run.print(f"{config.init_from} on {device} ({dtype}); trainable parameters: {trainable:,} of {total:,} "
                       f"({100 * trainable / total:.2f}%); {loader.truncated} reviews truncated to fit")

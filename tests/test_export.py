@@ -106,6 +106,7 @@ def test_peft_needs_a_lora_run(full_run, tmp_path, capsys):
     (["ckpt=middle"], "ckpt='middle': must be best or last"),
     (["dest="], "dest= is required: the directory to write the export to"),
     (["dest={tmp}/full"], "dest='{tmp}/full' exists and is not empty; choose a new directory"),
+    (["dest={tmp}/full/keep.txt/x"], "dest='{tmp}/full/keep.txt/x' cannot be created: {tmp}/full/keep.txt is a file"),
     (["out_dir={tmp}/nothing"], "no checkpoint at {tmp}/nothing/ckpt.pt; make one with: python train.py out_dir={tmp}/nothing"),
     (["format=hf", "base={tmp}/nothing"], "base='{tmp}/nothing': no such directory"),
     (["format=hf", "base={tmp}/full"], "base='{tmp}/full': cannot load GPT-2 weights from '{tmp}/full': expected gpt2, "

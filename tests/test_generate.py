@@ -263,3 +263,13 @@ def test_num_examples_is_the_same_random_sample_of_both_labels(hf_gpt2_dir, data
     assert 10 < sum(labels[t] for t in picked[0]) < 30  # the split's first 533 reviews are all positive
     order = {r["text"]: i for i, r in enumerate(test)}
     assert [order[t] for t in picked[0]] == sorted(order[t] for t in picked[0])  # in the split's order
+
+
+def test_own_reviews_are_split_at_newlines_only(trained_run, tmp_path, capsys):
+    out, _ = trained_run
+    reviews = ["a film\u0085with a next-line inside", "one\x0cform feed", "and\u2028a line separator"]
+    (tmp_path / "reviews.txt").write_bytes(("\r\n".join(reviews) + "\n\n").encode())
+    capsys.readouterr()
+    generate.main([f"out_dir={out}", f"file={tmp_path / 'reviews.txt'}", "device=cpu"])
+    lines = capsys.readouterr().out.rstrip("\n").split("\n")
+    assert len(lines) == 3 and all(line.endswith(review) for line, review in zip(lines, reviews)), lines

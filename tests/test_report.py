@@ -6,6 +6,7 @@ import sys
 import zipfile
 
 import matplotlib.image
+import pytest
 import nbformat
 from nbclient import NotebookClient
 
@@ -73,6 +74,18 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     for name in ("val_loss.png", "val_loss_alpha.png"):
         image = matplotlib.image.imread(results / name)
         assert image.shape[:2] == (500, 800) and image.std() > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('lr="1e-3', "extra='lr=\"1e-3': No closing quotation"),
+    ("foo=1", "extra='foo=1': unknown flag 'foo' (-h lists the flags)"),
+    ("lr=fast", "learning_rate='fast': expected a number"),
+])
+def test_bad_extra_flags_are_one_line(tmp_path, extra, message):
+    result = subprocess.run([sys.executable, "report.py", f"results_dir={tmp_path}", "zero_shot=false", f"extra={extra}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, f"report.py: error: {message}\n")
+    assert os.listdir(tmp_path) == []
 
 
 def test_unknown_run_is_a_usage_error(tmp_path):

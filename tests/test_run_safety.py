@@ -13,6 +13,7 @@ import torch
 
 import export
 import generate
+import runs
 import train
 from runs import UMASK, Run, atomic_write, load_checkpoint
 from conftest import KILLER, ROOT, files, losses, run_train, save_random_hf_gpt2, tiny_run_flags
@@ -297,7 +298,10 @@ def edited_checkpoint(path, edit):
     (lambda p: p.write_bytes(os.urandom(4096)), "{p} is corrupt or truncated ("),
     (lambda p: edited_checkpoint(p, lambda c: c.pop("model")), "{p} is incomplete: it lacks model"),
     (lambda p: edited_checkpoint(p, lambda c: c["model_args"].update(n_embd=128)),
-     "the checkpoint's model_args have n_embd=128, its base model n_embd=64"),
+     "the checkpoint's transformer.h.0.attn.q_attn.lora_A has shape (8, 64), the model's (8, 128): its tensors and "
+     "model_args disagree"),
+    (lambda p: edited_checkpoint(p, lambda c: c["model_args"].update(vocab_size=10**13)),  # checked before allocating
+     "the checkpoint's model_args have vocab_size=10000000000000, its base model vocab_size=50257"),
     (lambda p: edited_checkpoint(p, lambda c: c["model"].update({"transformer.h.0.attn.q_attn.lora_A": torch.zeros(4, 64)})),
      "the checkpoint's transformer.h.0.attn.q_attn.lora_A has shape (4, 64), the model's (8, 64): its tensors and "
      "model_args disagree"),
@@ -312,7 +316,7 @@ def test_damaged_checkpoints_are_one_line(finished_run, capsys, damage, message)
         generate.main([f"out_dir={out}", "ckpt=best", "device=cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("generate.py: error: " + message.format(p=out / "ckpt.pt"))
-    assert err.count("\n") == 1 and "pickled code" not in err
+    assert err.count("\n") == 1 and "pickled code" not in err and "weights_only" not in err
 
 
 def test_an_empty_ckpt_last_pt_is_one_line(finished_run, hf_gpt2_dir, small_data_dir, capsys):
@@ -381,3 +385,27 @@ def test_extending_a_run_keeps_no_result_of_its_earlier_checkpoints(evaluated_ru
     assert report.is_finished(str(out), last)
     torch.save(dict(last, config=dict(last["config"], max_iters=8)), out / "ckpt_last.pt")  # as an extension killed early
     assert not report.is_finished(str(out), load_checkpoint(out / "ckpt_last.pt"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["rank=1000000000000"], "lora_rank=1000000000000: must be at most 64, the width of {base}'s layers"),
+    (["batch_size=100000000000", "gradient_accumulation_steps=1"], "batch_size x gradient_accumulation_steps = "
+     "100000000000 reviews a step: more than the 300 of the train split, or not divisible by 1 processes"),
+    (["dataset= "], "dataset is empty: name a hub dataset or a local directory"),
+])
+def test_sizes_that_cannot_fit_are_one_line_before_anything_is_allocated(hf_gpt2_dir, small_data_dir, tmp_path, capsys,
+                                                                         flags, message):
+    out = tmp_path / "o"
+    fails_with(capsys, 2, "train.py: error: " + message.format(base=hf_gpt2_dir), run_train,
+               *tiny_run_flags(hf_gpt2_dir, small_data_dir, out), *flags)
+    assert not out.exists()
+
+
+def test_overwrite_leaves_no_wandb_files_of_the_old_run(finished_run, hf_gpt2_dir, small_data_dir, capsys, monkeypatch):
+    out, _ = finished_run
+    (out / "wandb" / "offline-run-old").mkdir(parents=True)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setattr(runs, "start_wandb", lambda config: None)  # the key is in effect; no wandb run is made here
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "overwrite=true", "max_iters=2")
+    assert "wandb_log = True" in capsys.readouterr().out.splitlines()  # printed as in effect
+    assert not (out / "wandb").exists()
