@@ -510,19 +510,20 @@ def take_lock(out_dir, program):
 # -----------------------------------------------------------------------------
 # a training run
 
-def open_run(config, explicit, program="train.py", master=True):
-    """Hold out_dir (master: the one process of a run that writes) and decide under the lock whether
-    to continue its interrupted run or start afresh. Returns a TrainingRun: its config is the run's
-    (a resumed run's own, with the flags given now on top) and its resume the checkpoint to resume
-    from, or None."""
+def open_run(config, explicit, program="train.py", rank=0, world=1):
+    """Hold out_dir and decide under the lock whether to continue its interrupted run or start
+    afresh (under torchrun, process 0 holds it and writes; the others read). Returns a TrainingRun:
+    its config is the run's (a resumed run's own, with the flags given now on top) and its resume
+    the checkpoint to resume from, or None."""
+    master = rank == 0
     run = TrainingRun(config.out_dir, program, create=master, lock=master)
+    run.rank, run.world, run.master = rank, world, master
     try:
         run.config, run.resume = start_or_resume(config, explicit, run)
         check_config(run.config, run.resume)
     except BaseException:
         run.close()
         raise
-    run.master = master
     run.run_id = run.resume["run_id"] if run.resume else uuid.uuid4().hex[:12]
     run.base = run.resume["base"] if run.resume else None
     run.config.wandb_log = run.config.wandb_log or bool(wandb_key())  # printed and saved as it is in effect
@@ -584,6 +585,9 @@ def resume_config(config, explicit, run):
     state = load_checkpoint(path)
     if not RESUME_KEYS <= set(state):
         raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(RESUME_KEYS - set(state)))}")
+    if len(state["rng"]) != run.world:
+        raise UsageError(f"{path} was saved by {len(state['rng'])} processes and this is {run.world}; resume it with "
+                         f"the same number (torchrun --nproc_per_node={len(state['rng'])}, or 1: python train.py)")
     best = run.path("ckpt.pt")
     if not os.path.isfile(best):
         raise CheckpointError(f"{path} has no {best} beside it; continue the run from a whole copy of its out_dir")
@@ -613,7 +617,7 @@ def resume_config(config, explicit, run):
 class TrainingRun(Run):
     """The run train.py trains: its config, the checkpoint it resumes from, and what it writes."""
     config = resume = base = run_id = bar = wandb = None
-    master, started, rows, t0 = True, False, (), 0.0
+    master, started, rows, t0, rank, world = True, False, (), 0.0, 0, 1
 
     def restore(self, optimizer, scaler, device):
         """(iter_num, best validation loss) to start from: a resumed run's, with its optimizer, loss
@@ -631,16 +635,23 @@ class TrainingRun(Run):
         for group, hyperparameters in zip(optimizer.param_groups, asked):  # flags given now win over saved ones
             group.update(hyperparameters)
         scaler.load_state_dict(self.resume["scaler"])
-        if self.master:  # the other processes of a torchrun draw from their own seeds
-            torch.set_rng_state(self.resume["rng"]["cpu"])
-            if self.resume["rng"]["cuda"] is not None and device.startswith("cuda"):
-                torch.cuda.set_rng_state(self.resume["rng"]["cuda"], device)
+        rng = self.resume["rng"][self.rank]  # each process's own
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and device.startswith("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"], device)
         return iter_num, best_val_loss
 
     def save(self, name, model, iter_num, best_val_loss, optimizer=None, scaler=None, rng=None):
         """Write a checkpoint of model's trained tensors (only the master process writes). With the
         optimizer and loss scaler (ckpt_last.pt) it is a state to resume from, with rng the random
         state to resume with (default: now)."""
+        if optimizer is not None:  # every process's random state, so that its dropout resumes exactly
+            mine, rng = rng or rng_state(str(next(model.parameters()).device)), [None] * self.world
+            if self.world > 1:
+                import torch.distributed as dist
+                dist.all_gather_object(rng, mine)
+            else:
+                rng[0] = mine
         if not self.master:
             return
         self._first_write()
@@ -650,8 +661,7 @@ class TrainingRun(Run):
                           model_args=asdict(model.config), base=self.base, iter_num=iter_num,
                           best_val_loss=best_val_loss, config=vars(self.config))
         if optimizer is not None:
-            device = str(next(model.parameters()).device)
-            checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng or rng_state(device))
+            checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng)
         # a sum is finite only where every element is: 100x faster than torch.isfinite on some CPU builds
         if not all(torch.isfinite(t.sum(dtype=torch.float64)) for t in checkpoint["model"].values()):
             raise Diverged(f"the weights are not finite at iteration {iter_num}; checkpoints left as they were")

@@ -183,7 +183,7 @@ def main(argv):
     with runs.reported_errors("train.py", config.debug):
         device, dtype = device_and_dtype(config.device, config.dtype)
         rank, world, device = distributed(device)
-        with runs.open_run(config, explicit, "train.py", master=rank == 0) as run:
+        with runs.open_run(config, explicit, "train.py", rank, world) as run:
             config = run.config
             torch.manual_seed(config.seed + rank)
             records = load_rotten_tomatoes(config.dataset)  # bad data stops the run before the model loads

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_train
+from conftest import ROOT, losses, run_train
 from runs import base_fingerprint, load_checkpoint, load_model
 from model import GPT
 
@@ -55,7 +55,7 @@ def test_lora_run_stores_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path
             assert torch.equal(value, expected), key
     last = load_checkpoint(out / "ckpt_last.pt")
     assert last["iter_num"] == 4 and all(t.any() for k, t in last["model"].items() if k.endswith("lora_B"))
-    assert len(last["optimizer"]["state"]) == 12 and set(last["rng"]) == {"cpu", "cuda"}
+    assert len(last["optimizer"]["state"]) == 12 and [set(r) for r in last["rng"]] == [{"cpu", "cuda"}]  # one process
     rows = metrics(out)
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4]
     assert all(r["val_time"] > 0 for r in rows if "val_loss" in r)
@@ -82,7 +82,7 @@ def test_ckpt_last_of_an_unfinished_run_is_its_latest_evaluated_state(hf_gpt2_di
     assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl"]
     resume = load_checkpoint(out / "ckpt_last.pt")
     assert resume["iter_num"] == 2 and set(resume) == RESUME_KEYS and set(resume["model"]) == LORA_NAMES
-    assert len(resume["optimizer"]["state"]) == 12 and set(resume["rng"]) == {"cpu", "cuda"}
+    assert len(resume["optimizer"]["state"]) == 12 and [set(r) for r in resume["rng"]] == [{"cpu", "cuda"}]
     assert resume["best_val_loss"] == load_checkpoint(out / "ckpt.pt")["best_val_loss"]
 
 
@@ -167,14 +167,18 @@ def test_resume_refuses_a_different_architecture(hf_gpt2_dir, small_data_dir, tm
     assert {p: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_torchrun_two_processes_on_cpu(hf_gpt2_dir, small_data_dir, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py",
-           f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=2", "rank=8",
-           "batch_size=4", "gradient_accumulation_steps=2", "eval_interval=2", "eval_test=false", "device=cpu",
-           "lora_dropout=0"]
+def torchrun(port, out, *flags, hf_gpt2_dir, small_data_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py",
+           f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "rank=8", "batch_size=4",
+           "gradient_accumulation_steps=2", "eval_interval=2", "eval_test=false", "device=cpu", *flags]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_torchrun_two_processes_on_cpu(hf_gpt2_dir, small_data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    result = torchrun(29517, out, "max_iters=2", "lora_dropout=0", hf_gpt2_dir=hf_gpt2_dir, small_data_dir=small_data_dir)
     assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl"]
     assert result.stdout.count("no wandb key") == 1  # only rank 0 speaks and writes
     # two processes of 4 examples each take the same step as one process of 8
@@ -183,6 +187,22 @@ def test_torchrun_two_processes_on_cpu(hf_gpt2_dir, small_data_dir, tmp_path):
     ddp, one = trainable_params(out / "ckpt_last.pt"), trainable_params(tmp_path / "one" / "ckpt_last.pt")
     for key in one:
         torch.testing.assert_close(ddp[key], one[key], rtol=0, atol=1e-6)
+
+
+def test_torchrun_resumes_every_process_exactly_and_only_with_as_many(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    dropout = ("lora_dropout=0.1", "dropout=0.1")  # each process draws its own masks
+    torchrun(29518, tmp_path / "straight", "max_iters=4", *dropout, hf_gpt2_dir=hf_gpt2_dir, small_data_dir=small_data_dir)
+    torchrun(29519, tmp_path / "split", "max_iters=2", *dropout, hf_gpt2_dir=hf_gpt2_dir, small_data_dir=small_data_dir)
+    assert len(load_checkpoint(tmp_path / "split" / "ckpt_last.pt")["rng"]) == 2
+    with pytest.raises(SystemExit) as e:
+        run_train("init_from=resume", f"out_dir={tmp_path / 'split'}", "max_iters=4")
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"train.py: error: {tmp_path / 'split' / 'ckpt_last.pt'} was saved by 2 processes and this is 1; resume it with "
+        "the same number (torchrun --nproc_per_node=2, or 1: python train.py)\n")
+    torchrun(29520, tmp_path / "split", "max_iters=4", "resume=auto", hf_gpt2_dir=hf_gpt2_dir, small_data_dir=small_data_dir)
+    straight, split = (trainable_params(tmp_path / run / "ckpt_last.pt") for run in ("straight", "split"))
+    assert all(torch.equal(value, split[key]) for key, value in straight.items())
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
 
 
 def test_wandb_offline_never_shows_the_key(hf_gpt2_dir, small_data_dir, tmp_path):
