@@ -48,8 +48,8 @@ except ImportError:  # Windows: no advisory locks; out_dir is not guarded there
 CHECKPOINT_VERSION = 3
 KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
 RESUME_KEYS = {"optimizer", "scaler", "rng"}  # ckpt_last.pt holds these too: it is where a run resumes
-RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "results.json", "predictions.json", "last_evaluation.json",
-             "last_predictions.json")
+RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "results.json", "predictions.json", "predictions.json.next",
+             "last_evaluation.json", "last_predictions.json", "last_predictions.json.next")
 MACHINE = ("out_dir", "device", "dtype", "compile", "debug")  # flags of this command, never a resumed run's
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 ARCHITECTURE = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block_size")
@@ -380,6 +380,7 @@ class Run:
                 self.made.insert(0, path)
         if lock and os.path.isdir(out_dir):
             self.lock_fd = take_lock(out_dir, program)
+            self.finish_pending_predictions()
 
     def path(self, name):
         return os.path.join(self.out_dir, name)
@@ -441,12 +442,37 @@ class Run:
                     == r.get("iter_num")}  # a row of an earlier state of a checkpoint evaluated now is dropped
             rows = [r for r in old["results"] if row_key(r) in kept] + rows
             sets = [s for s in read_json(predictions_path) or [] if row_key(s) in kept] + sets
-        write_json(predictions_path, sets)
-        write_json(results_path, dict(run_id=run_id, split=split, complete=complete, results=rows))
+        # the pair changes together: the predictions wait beside the old ones until results.json, written
+        # second, names them by their hash; one left waiting is moved into place by the next process
+        pending = predictions_path + ".next"
+        write_json(pending, sets)
+        try:
+            write_json(results_path, dict(run_id=run_id, split=split, complete=complete, results=rows,
+                                          predictions_sha1=file_sha1(pending)))
+        except BaseException:
+            os.remove(pending)
+            raise
+        os.replace(pending, predictions_path)
         return results_path
+
+    def finish_pending_predictions(self):
+        """A pair of results files left half-replaced by a killed process is completed, or left as it was."""
+        for results, predictions in (("results.json", "predictions.json"), ("last_evaluation.json", "last_predictions.json")):
+            pending = self.path(predictions + ".next")
+            if os.path.isfile(pending):
+                named = (read_json(self.path(results)) or {}).get("predictions_sha1")
+                if named == file_sha1(pending):
+                    os.replace(pending, self.path(predictions))
+                else:
+                    os.remove(pending)
 
 
 CHECKPOINTS = {"best": ("Best Val Checkpoint", "ckpt.pt"), "last": ("Last Iter Checkpoint", "ckpt_last.pt")}
+
+
+def file_sha1(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
 
 
 def is_tested(out_dir):

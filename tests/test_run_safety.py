@@ -409,3 +409,35 @@ def test_overwrite_leaves_no_wandb_files_of_the_old_run(finished_run, hf_gpt2_di
     run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "overwrite=true", "max_iters=2")
     assert "wandb_log = True" in capsys.readouterr().out.splitlines()  # printed as in effect
     assert not (out / "wandb").exists()
+
+
+def test_results_and_predictions_always_describe_the_same_evaluation(evaluated_run, capsys, monkeypatch):
+    out = evaluated_run
+    pair = {name: (out / name).read_bytes() for name in ("results.json", "predictions.json")}
+    (out / "results.json").unlink()
+    (out / "results.json").mkdir()  # it cannot be replaced: one line, and the predictions stay as they were
+    with pytest.raises(SystemExit) as e:
+        generate.main([f"out_dir={out}", "device=cpu", "ckpt=last", "method=logprob"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.endswith(f"\rgenerate.py: error: could not write {out}/results.json (Is a directory); "
+                                              "the previous file, if any, is intact\n") and "Traceback" not in err
+    assert (out / "predictions.json").read_bytes() == pair["predictions.json"] and not list(out.glob("*.next"))
+    (out / "results.json").rmdir()
+    (out / "results.json").write_bytes(pair["results.json"])
+    real_replace = os.replace
+
+    def killed_before_the_predictions(src, dst):
+        if str(dst).endswith("predictions.json"):
+            raise KeyboardInterrupt  # as a kill between the two renames
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", killed_before_the_predictions)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main([f"out_dir={out}", "device=cpu", "ckpt=last", "method=logprob"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "predictions.json").read_bytes() == pair["predictions.json"]  # not yet: the next process finishes it
+    with runs.hold(str(out), "test"):
+        pass
+    results, predictions = (json.loads((out / name).read_text()) for name in ("results.json", "predictions.json"))
+    assert [(r["checkpoint"], r["method"]) for r in results["results"]] == [(p["checkpoint"], p["method"]) for p in predictions]
+    assert ("Last Iter Checkpoint", "logprob") in [(p["checkpoint"], p["method"]) for p in predictions]
+    assert not list(out.glob("*.next"))
