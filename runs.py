@@ -593,9 +593,10 @@ def start_or_resume(config, explicit, run):
     if config.resume == "off" and holds_run:
         raise UsageError(f"out_dir={run.out_dir!r} holds an earlier run; continue it with resume=auto, "
                          "replace it with overwrite=true, or choose another out_dir")
-    # a run killed before its first ckpt_last.pt (only an iteration-0 ckpt.pt) holds nothing a restart loses
-    best = run.path("ckpt.pt")
-    if os.path.exists(run.path("results.json")) or (os.path.isfile(best) and load_checkpoint(best)["iter_num"] > 0):
+    # a run killed before its first ckpt_last.pt (an iteration-0 ckpt.pt, perhaps evaluated) holds nothing a restart loses
+    best = load_checkpoint(run.path("ckpt.pt")) if os.path.isfile(run.path("ckpt.pt")) else None
+    results = read_json(run.path("results.json"))
+    if (best and best["iter_num"] > 0) or (results is not None and results.get("run_id") != (best or {}).get("run_id")):
         raise UsageError(f"out_dir={run.out_dir!r} holds a run but no ckpt_last.pt to continue it from; nothing was "
                          "changed: replace the run with overwrite=true, or choose another out_dir")
     return config, None

@@ -441,3 +441,17 @@ def test_results_and_predictions_always_describe_the_same_evaluation(evaluated_r
     assert [(r["checkpoint"], r["method"]) for r in results["results"]] == [(p["checkpoint"], p["method"]) for p in predictions]
     assert ("Last Iter Checkpoint", "logprob") in [(p["checkpoint"], p["method"]) for p in predictions]
     assert not list(out.glob("*.next"))
+
+
+def test_a_run_killed_at_iteration_0_and_evaluated_restarts(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = tiny_run_flags(hf_gpt2_dir, small_data_dir, out)
+    killed = subprocess.run([sys.executable, "-c", KILLER, "atomic_write", "2", *flags], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)  # killed writing its first ckpt_last.pt
+    assert killed.returncode == -9 and load_checkpoint(out / "ckpt.pt")["iter_num"] == 0
+    export.main([f"out_dir={out}", f"dest={tmp_path / 'adapter'}"])
+    assert "(iteration 0)" in capsys.readouterr().out  # says which state it exported
+    generate.main([f"out_dir={out}", "ckpt=best", "device=cpu"])
+    assert (out / "results.json").exists()
+    run_train(*flags)  # resume=auto: nothing of value to lose, so it starts the run
+    assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 4 and not (out / "results.json").exists()
