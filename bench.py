@@ -27,11 +27,14 @@ from model import GPT, GPTConfig
 FLAGS = {
     "smoke": (False, "a tiny model, a few steps and reviews: checks that the benchmark runs (CPU, seconds)"),
     "dataset": (os.environ.get("ROTTEN_TOMATOES_DIR", ""), "local directory with train/validation/test.jsonl"),
-    "batch_size": (64, "reviews per training step (one micro-batch)"),
-    "steps": (10, "timed training steps (after 3 untimed)"),
+    "shape": ("medium", "the model's shape: medium (gpt2-medium, 355 M) or gpt2 (124 M, which a CPU can run)",
+              ("medium", "gpt2")),
+    "parts": ("train,step,memory,evaluate,writes,end_to_end", "which measurements, comma-separated"),
+    "batch_size": (32, "reviews per training step (one micro-batch: train.py's)"),
+    "steps": (10, "timed training steps"),
+    "warmup": (3, "untimed training steps before them"),
     "eval_batch_size": (256, "reviews per batch for batched evaluation"),
     "one_at_a_time": (30, "reviews generated one at a time (the per-review time is measured on these)"),
-    "end_to_end": (True, "also time one default train.py experiment, model construction and test accuracy included"),
     "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
     "dtype": ("auto", "auto, float32, bfloat16 or float16"),
     "out": ("bench.json", "where the numbers go"),
@@ -40,7 +43,9 @@ FLAGS = {
 PEAK_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L4": 121, "T4": 65}
 DEFAULT_EXPERIMENT_REVIEWS = 80 * 128  # train.py's max_iters x examples per step
 MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024)
+GPT2 = dict(n_layer=12, n_head=12, n_embd=768)
 TINY = dict(n_layer=2, n_head=4, n_embd=64)
+PARTS = ("train", "step", "memory", "evaluate", "writes", "end_to_end")
 
 
 def synchronize(device):
@@ -77,21 +82,20 @@ def hf_and_ours(shape, lora_rank, device):
 
 
 def hf_inputs(x, y):
-    """HF shifts labels itself: one extra input column lets it score y's last position too."""
+    """HF shifts labels itself: one extra input column lets it score y's last position too. No attention
+    mask, its fastest path: right padding cannot change a causal model's real positions."""
     pad = torch.nn.functional.pad
-    lengths = (y != -100).cumsum(1).argmax(1) + 1
-    mask = torch.arange(x.size(1) + 1, device=x.device)[None] < lengths[:, None]
-    return dict(input_ids=pad(x, (0, 1), value=50256), attention_mask=mask.long(), labels=pad(y, (1, 0), value=-100))
+    return dict(input_ids=pad(x, (0, 1), value=50256), labels=pad(y, (1, 0), value=-100))
 
 
-def time_training(model, batches, hf, device, dtype, warmup=3):
+def time_training(model, batches, hf, device, dtype, warmup=3, share_prefix=True):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
     model.train()
     losses = []
     def step(x, y):
         with autocast(device, dtype):
-            loss = model(**hf_inputs(x, y)).loss if hf else model(x, y)[1]
+            loss = model(**hf_inputs(x, y)).loss if hf else model(x, y, share_prefix=share_prefix)[1]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -128,23 +132,29 @@ def peak_tflops(name):
 def bench_training(shape, loader, config, device, dtype, name):
     rows = []
     n = config.batch_size
-    examples = loader.train_examples(0, n * (config.steps + 3))
+    warmup = config.warmup
+    examples = loader.train_examples(0, n * (config.steps + warmup))
     batches = [tuple(t.to(device) for t in loader.collate(sorted(examples[i:i + n], key=lambda e: len(e[0]))))
                for i in range(0, len(examples), n)]
-    tokens = sum(len(ids) - 1 for ids, _ in examples[3 * n:])
-    targets = sum(len(ids) - p for ids, p in examples[3 * n:])
+    tokens = sum(len(ids) - 1 for ids, _ in examples[warmup * n:])
+    targets = sum(len(ids) - p for ids, p in examples[warmup * n:])
     for rank, label in ((128, "LoRA r=128"), (0, "full fine-tuning")):
         hf, ours = hf_and_ours(shape, rank, device)
-        timed_reviews = len(examples) - 3 * n
+        timed_reviews = len(examples) - warmup * n
         flops = training_flops_per_token(shape, rank, tokens / timed_reviews, targets / timed_reviews)
-        for who, model in (("ours", ours), ("transformers+peft" if rank else "transformers", hf)):
-            seconds, memory, loss = time_training(model, batches, model is hf, device, dtype)
+        # ours with the reviews' common start computed once per micro-batch, and once per review, as before
+        sides = (("ours", ours, True), ("ours, no sharing", ours, False),
+                 ("transformers+peft" if rank else "transformers", hf, None))
+        for who, model, share in sides:
+            torch.manual_seed(0)  # the same dropout draws for every side
+            seconds, memory, loss = time_training(model, batches, model is hf, device, dtype, warmup, share)
             peak = peak_tflops(name)
             rows.append(dict(what=f"train {label}", who=who, tokens_per_s=tokens / seconds,
                              reviews_per_s=config.steps * n / seconds, step_ms=1000 * seconds / config.steps,
                              peak_memory_gib=memory, loss=loss,
                              mfu=flops * tokens / seconds / (peak * 1e12) if peak else None))
-        rows[-2]["speedup"] = rows[-2]["tokens_per_s"] / rows[-1]["tokens_per_s"]
+        for row in rows[-3:-1]:
+            row["speedup"] = row["tokens_per_s"] / rows[-1]["tokens_per_s"]
         del hf, ours
     return rows
 
@@ -190,31 +200,33 @@ def bench_train_step(shape, loader, config, device, dtype):
 
 
 def bench_activation_memory(shape, loader, device, dtype):
-    """Bytes the forward pass keeps for the backward pass, per review of the longest prompt, counted
-    from the saved tensors (not the allocator): what bounds the micro-batch a card can hold."""
-    longest = max(loader.examples["train"], key=lambda e: len(e[0]))
+    """Bytes the forward pass keeps for the backward pass, per review of the longest prompts, counted
+    from the saved tensors (not the allocator): what bounds the micro-batch a card can hold. The
+    reviews' common start (the instruction), computed once per micro-batch, counts in the fixed part."""
+    longest = sorted(loader.examples["train"], key=lambda e: len(e[0]))[-4:]  # distinct reviews, as in a batch
     rows = []
     for rank, dropout, label in ((128, 0.0, "LoRA r=128"), (0, 0.05, "full fine-tuning, dropout 0.05")):
         torch.manual_seed(0)  # the dropouts of train.py's default run and of the homework's full run
         model = GPT(GPTConfig(lora_rank=rank, lora_alpha=4.0 * rank, lora_dropout=0.05, dropout=dropout, **shape))
         model = (mark_only_lora_as_trainable(model) if rank else model).to(device).train()
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = []
-        for n in (2, 4):
-            storages = {}
+        for share, who in ((True, "ours"), (False, "ours, no sharing")):
+            saved = []
+            for n in (2, 4):
+                storages = {}
 
-            def keep(t):
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in weights:
-                    storages[storage.data_ptr()] = storage.nbytes()
-                return t
-            x, y = (t.to(device) for t in loader.collate([longest] * n))
-            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(device, dtype):
-                model(x, y)
-            saved.append(sum(storages.values()))
-        per_review = (saved[1] - saved[0]) / 2
-        rows.append(dict(what=f"saved for backward, {label}", who="ours", tokens_per_review=len(longest[0]) - 1,
-                         mib_per_review=per_review / 2**20, fixed_mib=(saved[0] - 2 * per_review) / 2**20))
+                def keep(t):
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() not in weights:
+                        storages[storage.data_ptr()] = storage.nbytes()
+                    return t
+                x, y = (t.to(device) for t in loader.collate(longest[-n:]))
+                with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(device, dtype):
+                    model(x, y, share_prefix=share)
+                saved.append(sum(storages.values()))
+            per_review = (saved[1] - saved[0]) / 2
+            rows.append(dict(what=f"saved for backward, {label}", who=who, tokens_per_review=len(longest[-1][0]) - 1,
+                             mib_per_review=per_review / 2**20, fixed_mib=(saved[0] - 2 * per_review) / 2**20))
     return rows
 
 
@@ -303,7 +315,7 @@ def bench_end_to_end(shape, dataset, config, device):
         GPT2LMHeadModel(GPT2Config(n_positions=1024, **shape)).save_pretrained(os.path.join(tmp, "model"))
         flags = [f"init_from={tmp}/model", f"dataset={dataset}", f"out_dir={tmp}/run", f"device={device}"]
         if config.smoke:
-            flags += ["max_iters=2", "batch_size=8", "gradient_accumulation_steps=1", "eval_iters=2"]
+            flags += ["max_iters=2", "batch_size=8", "gradient_accumulation_steps=1", "eval_iters=2", "lora_rank=8"]
         start = time.perf_counter()
         train.main(flags)
         seconds = time.perf_counter() - start
@@ -364,22 +376,24 @@ def print_table(rows):
 def main(argv):
     config, _ = parse_flags("bench.py", FLAGS, argv, __doc__)
     if config.smoke:
-        vars(config).update(batch_size=8, steps=2, eval_batch_size=16, one_at_a_time=2)
+        vars(config).update(batch_size=8, steps=2, warmup=1, eval_batch_size=16, one_at_a_time=2)
     device, dtype = device_and_dtype(config.device, config.dtype)
     name = runs.device_name(device)
-    shape = TINY if config.smoke else MEDIUM
+    shape = TINY if config.smoke else GPT2 if config.shape == "gpt2" else MEDIUM
+    parts = set(config.parts.split(","))
+    if parts - set(PARTS):
+        raise SystemExit(f"bench.py: error: parts={config.parts!r}: expected some of {', '.join(PARTS)}")
     dataset = review_data(config.dataset)
     loader = CustomDataLoader(dataset)
     if config.smoke:
         loader.records["test"], loader.examples["test"] = loader.records["test"][:24], loader.examples["test"][:24]
     print(f"bench on {name} ({dtype}), model {shape}, torch {torch.__version__}")
-    rows = bench_training(shape, loader, config, device, dtype, name)
-    rows += bench_train_step(shape, loader, config, device, dtype)
-    rows += bench_activation_memory(shape, loader, device, dtype)
-    rows += bench_evaluation(shape, loader, config, device, dtype)
-    rows += bench_checkpoint_writes(shape)
-    if config.end_to_end:
-        rows += bench_end_to_end(shape, dataset, config, device)
+    rows = bench_training(shape, loader, config, device, dtype, name) if "train" in parts else []
+    rows += bench_train_step(shape, loader, config, device, dtype) if "step" in parts else []
+    rows += bench_activation_memory(shape, loader, device, dtype) if "memory" in parts else []
+    rows += bench_evaluation(shape, loader, config, device, dtype) if "evaluate" in parts else []
+    rows += bench_checkpoint_writes(shape) if "writes" in parts else []
+    rows += bench_end_to_end(shape, dataset, config, device) if "end_to_end" in parts else []
     train_ids = loader.examples["train"]
     rows += t4_projection(rows, name, sum(len(ids) - 1 for ids, _ in train_ids) / len(train_ids))
     print_table(rows)

@@ -15,7 +15,8 @@ def test_smoke_run_writes_every_measurement(data_dir, tmp_path):
         row = rows[(what, who)]
         assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["reviews_per_s"] > 0
         assert row["mfu"] is None and row["peak_memory_gib"] is None  # no peak known for a CPU
-    assert rows[("train LoRA r=128", "ours")]["speedup"] > 0
+    for who in ("ours", "ours, no sharing"):
+        assert rows[("train LoRA r=128", who)]["speedup"] > 0 and rows[("train full fine-tuning", who)]["speedup"] > 0
     for split in ("4 x 2", "2 x 4", "1 x 8"):  # train.py's own step, one update split three ways
         row = rows[(f"train.py step of 8 reviews as {split}", "ours")]
         assert row["tokens_per_s"] > 0 and row["step_ms"] > 0
@@ -23,8 +24,9 @@ def test_smoke_run_writes_every_measurement(data_dir, tmp_path):
     ours, theirs = rows[("train full fine-tuning", "ours")]["loss"], rows[("train full fine-tuning", "transformers")]["loss"]
     assert abs(ours - theirs) < 1e-4 * abs(theirs)
     for label in ("LoRA r=128", "full fine-tuning, dropout 0.05"):
-        row = rows[(f"saved for backward, {label}", "ours")]
-        assert row["tokens_per_review"] == 101 and row["mib_per_review"] > 0
+        shared, unshared = rows[(f"saved for backward, {label}", "ours")], rows[(f"saved for backward, {label}", "ours, no sharing")]
+        assert shared["tokens_per_review"] == unshared["tokens_per_review"] == 101
+        assert 0 < shared["mib_per_review"] < unshared["mib_per_review"]  # the instruction is kept once per batch
     for who in ("ours", "ours, no sharing", "transformers"):
         assert rows[("evaluate 24 reviews, batched", who)]["seconds"] > 0
     for who in ("ours", "ours, no sharing"):
