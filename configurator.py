@@ -211,7 +211,9 @@ def device_and_dtype(device, dtype):
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise UsageError(f"device={device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device={device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device={device!r}: CUDA is not available on this machine (use device=cpu)")
     if kind == "mps" and not torch.backends.mps.is_available():

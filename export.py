@@ -85,6 +85,8 @@ def hf_state_dict(model):
 def check_dest(dest):
     if not dest:
         raise UsageError("dest= is required: the directory to write the export to")
+    if os.path.islink(dest):
+        raise UsageError(f"dest={dest!r} is a symbolic link; name a new directory")
     if os.path.isdir(dest) and os.listdir(dest):
         raise UsageError(f"dest={dest!r} exists and is not empty; choose a new directory")
     runs.check_out_dir(dest, "dest")

@@ -367,7 +367,7 @@ class Run:
     process is refused. A missing out_dir is made first, and removed at close if nothing was written."""
 
     def __init__(self, out_dir, program, create=True, lock=True):
-        self.out_dir, self.made, self.lock_fd, self.run_id = out_dir, [], None, None
+        self.out_dir, self.made, self.lock_fd, self.run_id, self.trained_with = out_dir, [], None, None, None
         check_out_dir(out_dir)
         missing = []
         path = os.path.abspath(out_dir)
@@ -420,8 +420,9 @@ class Run:
         tensors. config's dataset and prompt_template become the run's where they were not given."""
         ckpt = config.ckpt or ("best" if config.text or config.file else "both")
         checkpoints = self.checkpoints(("best", "last") if ckpt == "both" else (ckpt,))
+        self.trained_with = checkpoints[0][1]["config"]
         for key in {"dataset", "prompt_template"} - set(explicit):
-            setattr(config, key, checkpoints[0][1]["config"][key])
+            setattr(config, key, self.trained_with[key])
         return load_model(checkpoints[0][1], config.base or None), checkpoints
 
     def write_results(self, rows, sets, config):
@@ -429,19 +430,24 @@ class Run:
         checkpoint, method and reading, each replaced only by a newer one of its own. Anything else (a
         subset, another split, sampling, a raw model beside a run's checkpoints) goes to
         last_evaluation.json and last_predictions.json. Returns the results file's path."""
-        run_id, split = self.run_id, config.split
-        complete = split == "test" and config.num_examples == 0 and config.temperature == 0
+        import generate
+        run_id, split, default = self.run_id, config.split, generate.FLAGS["max_new_tokens"][0]
+        complete = split == "test" and config.num_examples == 0 and config.temperature == 0 and config.max_new_tokens == default
+        if self.trained_with is not None:  # a run's checkpoints: on the data and prompt they were trained with
+            complete = complete and (config.dataset, config.prompt_template) == (
+                self.trained_with["dataset"], self.trained_with["prompt_template"])
         beside_a_run = run_id is None and any(os.path.exists(self.path(f)) for f in ("ckpt.pt", "ckpt_last.pt"))
         names = ("results.json", "predictions.json") if complete and not beside_a_run else (
             "last_evaluation.json", "last_predictions.json")
         results_path, predictions_path = map(self.path, names)
-        old = read_json(results_path) if complete else None
+        old = read_results(results_path) if complete else None
         if old and old.get("run_id") == run_id:  # keep the rows this evaluation does not replace
             new, now = {row_key(r) for r in rows}, {r["checkpoint"]: r["iter_num"] for r in rows}
             kept = {row_key(r) for r in old["results"] if row_key(r) not in new and now.get(r["checkpoint"], r.get("iter_num"))
                     == r.get("iter_num")}  # a row of an earlier state of a checkpoint evaluated now is dropped
             rows = [r for r in old["results"] if row_key(r) in kept] + rows
-            sets = [s for s in read_json(predictions_path) or [] if row_key(s) in kept] + sets
+            old_sets = read_json(predictions_path) if isinstance(read_json(predictions_path), list) else []
+            sets = [s for s in old_sets if isinstance(s, dict) and row_key(s) in kept] + sets
         # the pair changes together: the predictions wait beside the old ones until results.json, written
         # second, names them by their hash; one left waiting is moved into place by the next process
         pending = predictions_path + ".next"
@@ -460,7 +466,7 @@ class Run:
         for results, predictions in (("results.json", "predictions.json"), ("last_evaluation.json", "last_predictions.json")):
             pending = self.path(predictions + ".next")
             if os.path.isfile(pending):
-                named = (read_json(self.path(results)) or {}).get("predictions_sha1")
+                named = (read_results(self.path(results)) or {}).get("predictions_sha1")
                 if named == file_sha1(pending):
                     os.replace(pending, self.path(predictions))
                 else:
@@ -478,7 +484,7 @@ def file_sha1(path):
 def is_tested(out_dir):
     """Whether results.json holds the greedy test accuracy of both of out_dir's checkpoints as they are
     now: rows of their run, at their iterations."""
-    results, at = read_json(os.path.join(out_dir, "results.json")) or {}, {}
+    results, at = read_results(os.path.join(out_dir, "results.json")) or {}, {}
     for name, filename in CHECKPOINTS.values():
         path = os.path.join(out_dir, filename)
         if not os.path.isfile(path):
@@ -491,6 +497,15 @@ def is_tested(out_dir):
 
 def row_key(row):
     return row["checkpoint"], row["method"], row["parse"]
+
+
+def read_results(path):
+    """A results file of ours ({"run_id", "results": rows}), or None where it is missing or not one:
+    a damaged one is then replaced, never read."""
+    results = read_json(path)
+    rows = results.get("results") if isinstance(results, dict) else None
+    ok = isinstance(rows, list) and all(isinstance(r, dict) and {"checkpoint", "method", "parse"} <= set(r) for r in rows)
+    return results if ok else None
 
 
 def read_json(path):
@@ -589,14 +604,15 @@ def start_or_resume(config, explicit, run):
         return resume_config(config, explicit, run)
     if config.overwrite:
         return config, None
-    holds_run = any(os.path.exists(run.path(f)) for f in ("ckpt.pt", "ckpt_last.pt", "results.json"))
+    holds_run = any(os.path.exists(run.path(f)) for f in RUN_FILES if f != "metrics.jsonl")
     if config.resume == "off" and holds_run:
         raise UsageError(f"out_dir={run.out_dir!r} holds an earlier run; continue it with resume=auto, "
                          "replace it with overwrite=true, or choose another out_dir")
     # a run killed before its first ckpt_last.pt (an iteration-0 ckpt.pt, perhaps evaluated) holds nothing a restart loses
     best = load_checkpoint(run.path("ckpt.pt")) if os.path.isfile(run.path("ckpt.pt")) else None
-    results = read_json(run.path("results.json"))
-    if (best and best["iter_num"] > 0) or (results is not None and results.get("run_id") != (best or {}).get("run_id")):
+    evaluations = [read_json(run.path(f)) for f in ("results.json", "last_evaluation.json") if os.path.exists(run.path(f))]
+    if (best and best["iter_num"] > 0) or any(best is None or not isinstance(e, dict) or e.get("run_id") != best["run_id"]
+                                              for e in evaluations):
         raise UsageError(f"out_dir={run.out_dir!r} holds a run but no ckpt_last.pt to continue it from; nothing was "
                          "changed: replace the run with overwrite=true, or choose another out_dir")
     return config, None
@@ -619,10 +635,13 @@ def resume_config(config, explicit, run):
     if not os.path.isfile(best):
         raise CheckpointError(f"{path} has no {best} beside it; continue the run from a whole copy of its out_dir")
     same_run({path: state, best: load_checkpoint(best)})  # files of two runs never continue as one
-    results = read_json(run.path("results.json"))
+    results = read_results(run.path("results.json"))
     if results is not None and results.get("run_id") != state["run_id"]:
         raise CheckpointError(f"{run.path('results.json')} belongs to run {results.get('run_id')}, {path} to run "
                               f"{state['run_id']}; nothing was changed")
+    if any(row.get("run") != state["run_id"] for row in read_metrics(run.path("metrics.jsonl"))):
+        raise CheckpointError(f"{run.path('metrics.jsonl')} holds rows of another run than {path}'s "
+                              f"({state['run_id']}); nothing was changed")
     saved = state["config"]
     for key in ARCHITECTURE:
         if key in explicit and getattr(config, key) != saved[key]:
@@ -700,11 +719,11 @@ class TrainingRun(Run):
         if not self.master:
             return
         self._first_write()
-        row["elapsed"] = round(time.time() - self.t0, 2)
+        row.update(elapsed=round(time.time() - self.t0, 2), run=self.run_id)
         with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb:
-            self.wandb.log({k: v for k, v in row.items() if k != "iter"}, step=row["iter"])
+            self.wandb.log({k: v for k, v in row.items() if k not in ("iter", "run")}, step=row["iter"])
         if "val_loss" in row:
             self.bar.write(f"iter {row['iter']}: validation loss {row['val_loss']:.4f}")
             self.bar.start_t += row.get("val_time", 0)  # the bar's rate and ETA count training steps only
@@ -789,11 +808,12 @@ def read_metrics(path):
     """The rows of a metrics.jsonl; a line torn by a kill, or that is not a row of ours, is skipped."""
     rows = []
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 with contextlib.suppress(json.JSONDecodeError):
                     row = json.loads(line)
-                    if isinstance(row, dict) and type(row.get("iter")) is int:
+                    if isinstance(row, dict) and type(row.get("iter")) is int and all(
+                            isinstance(v, (int, float)) for k, v in row.items() if k not in ("iter", "run")):
                         rows.append(row)
     return rows
 

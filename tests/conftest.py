@@ -121,16 +121,24 @@ def checkpoint_of(model, base=None, **entries):
                 **entries)
 
 
-def last_wins(*flags):
-    """key=value flags with the last value of each key kept (train.py refuses a flag given twice)."""
-    return list({str(f).partition("=")[0]: str(f) for f in flags}.values())
+def last_wins(*flags, names=None):
+    """key=value flags with the last value of each flag kept (train.py refuses a flag given twice)."""
+    import configurator
+
+    def name(flag):
+        key = str(flag).partition("=")[0]
+        try:
+            return configurator.canonical(key, names) if names else key
+        except configurator.UsageError:  # an unknown flag passes through, to be refused
+            return key
+    return list({name(f): str(f) for f in flags}.values())
 
 
 def run_train(*flags):
     """train.py in this process, tiny and quick unless flags say otherwise."""
     import train
     train.main(last_wins("device=cpu", "eval_test=false", "batch_size=8", "gradient_accumulation_steps=2",
-                         "eval_interval=2", "eval_batch_size=32", *flags))
+                         "eval_interval=2", "eval_batch_size=32", *flags, names=train.FLAGS))
 
 
 # a killed run, and the uninterrupted run it must equal once resumed

@@ -107,6 +107,7 @@ def test_peft_needs_a_lora_run(full_run, tmp_path, capsys):
     (["dest="], "dest= is required: the directory to write the export to"),
     (["dest={tmp}/full"], "dest='{tmp}/full' exists and is not empty; choose a new directory"),
     (["dest={tmp}/full/keep.txt/x"], "dest='{tmp}/full/keep.txt/x' cannot be created: {tmp}/full/keep.txt is a file"),
+    (["dest={tmp}/link"], "dest='{tmp}/link' is a symbolic link; name a new directory"),
     (["out_dir={tmp}/nothing"], "no checkpoint at {tmp}/nothing/ckpt.pt; make one with: python train.py out_dir={tmp}/nothing"),
     (["format=hf", "base={tmp}/nothing"], "base='{tmp}/nothing': no such directory"),
     (["format=hf", "base={tmp}/full"], "base='{tmp}/full': cannot load GPT-2 weights from '{tmp}/full': expected gpt2, "
@@ -115,13 +116,14 @@ def test_peft_needs_a_lora_run(full_run, tmp_path, capsys):
 def test_bad_input_is_one_line_and_writes_nothing(lora_run, tmp_path, capsys, flags, message):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
     flags = [f.format(tmp=tmp_path) for f in flags]
     with pytest.raises(SystemExit) as e:
         export.main(last_wins(f"out_dir={lora_run}", f"dest={tmp_path / 'new'}", *flags))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("export.py: error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1
-    assert sorted(os.listdir(tmp_path)) == ["full"] and os.listdir(tmp_path / "full") == ["keep.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["full", "link"] and os.listdir(tmp_path / "full") == ["keep.txt"]
 
 
 def test_an_adapter_is_refused_on_another_base(lora_run, hf_gpt2_dir, small_data_dir, tmp_path, capsys):

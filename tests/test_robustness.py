@@ -87,7 +87,7 @@ def test_bad_data_names_split_and_line(finished_run, hf_gpt2_dir, tmp_path, caps
     data = write_dataset(tmp_path / "data", **overrides)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        run_train(f"init_from={hf_gpt2_dir}", f"dataset={data}", f"out_dir={out}", "overwrite=true")
+        run_train(f"init_from={hf_gpt2_dir}", f"dataset={data}", f"out_dir={out}", "overwrite=true", "rank=8")
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("train.py: error: " + message.format(d=data)) and "\n" not in err
@@ -242,7 +242,7 @@ def test_unreachable_hub_or_missing_files_fail_at_once_naming_the_flag(hf_gpt2_d
     cases = [
         (("train.py", "init_from=gpt2-medium", f"dataset={data_dir}", out),
          "train.py: error: init_from='gpt2-medium': cannot load GPT-2 weights from 'gpt2-medium' (", "; a local copy works too: init_from=DIR"),
-        (("train.py", f"init_from={hf_gpt2_dir}", "dataset=rotten_tomatoes", out),
+        (("train.py", f"init_from={hf_gpt2_dir}", "dataset=rotten_tomatoes", out, "rank=8"),
          "train.py: error: cannot load dataset 'rotten_tomatoes' from the hub (", "; give a local copy instead: dataset=DIR, "
          "a directory with train.jsonl, validation.jsonl, test.jsonl"),
         (("train.py", f"init_from={tmp_path}/no/such/dir", "dataset=rotten_tomatoes", out),  # checked before the data
@@ -260,7 +260,7 @@ def test_unreachable_hub_or_missing_files_fail_at_once_naming_the_flag(hf_gpt2_d
 def test_missing_tokenizer_files_are_one_line(hf_gpt2_dir, small_data_dir, tmp_path):
     empty = tmp_path / "tiktoken_cache"
     empty.mkdir()
-    result = offline_cli("train.py", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'o'}",
+    result = offline_cli("train.py", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'o'}", "rank=8",
                          TIKTOKEN_CACHE_DIR=str(empty), HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
     assert result.returncode == 2
     assert re.fullmatch(r"train.py: error: cannot get the GPT-2 tokenizer's files \(\w+\); connect to the internet once, "

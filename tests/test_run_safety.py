@@ -455,3 +455,60 @@ def test_a_run_killed_at_iteration_0_and_evaluated_restarts(hf_gpt2_dir, small_d
     assert (out / "results.json").exists()
     run_train(*flags)  # resume=auto: nothing of value to lose, so it starts the run
     assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 4 and not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda out: (out / "results.json").write_text("[1]"),
+    lambda out: (out / "results.json").write_text('{"run_id": "x", "results": [{"checkpoint": "Best Val Checkpoint"}]}'),
+    lambda out: (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + '{"iter": 1, "elapsed": "x"}\n'),
+    lambda out: (out / "metrics.jsonl").write_bytes((out / "metrics.jsonl").read_bytes() + b"\xff\n"),
+])
+def test_damaged_results_and_metrics_are_replaced_not_read(evaluated_run, hf_gpt2_dir, small_data_dir, damage):
+    out = evaluated_run
+    damage(out)
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6", "eval_test=true")
+    assert runs.is_tested(str(out)) and losses(out)[-1]["iter"] == 6
+    generate.main([f"out_dir={out}", "device=cpu", "ckpt=best"])
+
+
+def test_evaluations_that_are_not_the_runs_own_never_replace_its_results(evaluated_run, tmp_path):
+    out = evaluated_run
+    before = {name: (out / name).read_bytes() for name in ("results.json", "predictions.json")}
+    other = tmp_path / "other_data"
+    other.mkdir()
+    for split in ("train", "validation", "test"):
+        (other / f"{split}.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": "bad", "label": 0}\n')
+    for flags in ([f"dataset={other}"], ["max_new_tokens=1"], ["prompt_template=question"]):
+        generate.main([f"out_dir={out}", "device=cpu", *flags])
+        assert {name: (out / name).read_bytes() for name in before} == before, flags
+        assert json.loads((out / "last_evaluation.json").read_text())["complete"] is False
+
+
+def test_a_new_run_never_deletes_an_evaluation_in_its_out_dir(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    out = tmp_path / "zero"
+    generate.main([f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "num_examples=5", "device=cpu"])
+    kept = files(out)
+    for resume in ("off", "auto"):
+        with pytest.raises(SystemExit) as e:
+            run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), f"resume={resume}")
+        assert e.value.code == 2 and "holds" in capsys.readouterr().err
+    assert {k: v for k, v in files(out).items() if k != ".lock"} == {k: v for k, v in kept.items() if k != ".lock"}
+
+
+def test_metrics_of_another_run_are_refused(finished_run, hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    out, _ = finished_run
+    other = tmp_path / "other"
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, other)[:-1], "seed=7")
+    shutil.copy(other / "metrics.jsonl", out / "metrics.jsonl")
+    before = files(out)
+    fails_with(capsys, 2, f"train.py: error: {out / 'metrics.jsonl'} holds rows of another run than "
+               f"{out / 'ckpt_last.pt'}'s ({load_checkpoint(out / 'ckpt_last.pt')['run_id']}); nothing was changed",
+               run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu", "ipu"])
+def test_devices_this_code_does_not_run_on_are_one_line(finished_run, device, capsys):
+    out, _ = finished_run
+    fails_with(capsys, 2, f"generate.py: error: device={device!r}: expected auto, cpu, cuda, cuda:N or mps",
+               generate.main, [f"out_dir={out}", f"device={device}", "text=hi"])
