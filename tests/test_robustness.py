@@ -96,7 +96,7 @@ def test_bad_data_names_split_and_line(finished_run, hf_gpt2_dir, tmp_path, caps
 
 def test_missing_dataset_directory(hf_gpt2_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        run_train(f"init_from={hf_gpt2_dir}", f"dataset={tmp_path}/nope", f"out_dir={tmp_path / 'o'}")
+        run_train(f"init_from={hf_gpt2_dir}", f"dataset={tmp_path}/nope", f"out_dir={tmp_path / 'o'}", "rank=8")
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == f"train.py: error: dataset='{tmp_path}/nope': no such directory"
     assert not (tmp_path / "o").exists()
