@@ -48,10 +48,10 @@ def encode_prompt(text, template="default", max_tokens=None):
     ids = enc.encode_ordinary(get_sentiment_prompt(text, template=template))
     if max_tokens is None or len(ids) <= max_tokens:
         return ids
-    words = enc.encode_ordinary(text)
-    while len(ids) > max_tokens and words:
-        words = words[:max(0, len(words) - (len(ids) - max_tokens))]
-        ids = enc.encode_ordinary(get_sentiment_prompt(enc.decode(words), template=template))
+    review = enc.encode_ordinary(text)
+    while len(ids) > max_tokens and review:  # cut the review's tokens by the excess, and encode again
+        review = review[:max(0, len(review) - (len(ids) - max_tokens))]
+        ids = enc.encode_ordinary(get_sentiment_prompt(enc.decode(review), template=template))
     if len(ids) > max_tokens:
         raise DataError(f"the '{template}' template alone is longer than {max_tokens} tokens")
     return ids
@@ -66,8 +66,8 @@ def check_prompt_room(template, block_size, generated):
 
 
 def sample(items, n, seed=0):
-    """n of items drawn at random (the same every time: the splits are sorted by label), in their
-    order; all of them where n is 0 or more than there are."""
+    """n of items drawn at random with a fixed seed (the splits are sorted by label, so their first n
+    would not do), in their order; all of them where n is 0 or more than there are."""
     if not 0 < n < len(items):
         return list(items)
     keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n].sort().values

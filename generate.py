@@ -107,7 +107,7 @@ def evaluate(model, checkpoints, records, config, device, dtype):
     """The handout's line for each checkpoint (its tensors loaded into model) and method; (rows, predictions)."""
     rows, sets = [], []
     for name, checkpoint in checkpoints:
-        if checkpoint is not None:
+        if checkpoint is not None:  # LoRA unmerged first (train mode), then this checkpoint's A and B
             runs.load_trained(model, checkpoint)
         for method in ("generate", "logprob") if config.method == "both" else (config.method,):
             start = time.time()

@@ -143,7 +143,7 @@ def train(model, loader, run, device, dtype, rank=0, world=1):
     optimizer = make_optimizer(model, config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
     iter_num, best_val_loss = run.restore(optimizer, scaler, device)
-    evaluated = iter_num if run.resume else -1  # a resumed run was evaluated at its iteration before saving it
+    evaluated = iter_num if run.resume else -1  # a resumed iteration's evaluation, if it has one, came before its save
     step_model = torch.compile(model) if config.compile else model
     if world > 1:
         step_model = DDP(step_model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
@@ -155,7 +155,7 @@ def train(model, loader, run, device, dtype, rank=0, world=1):
             if not math.isfinite(val_loss):
                 raise runs.Diverged(f"validation loss is {val_loss} at iteration {iter_num}; checkpoints left as they were")
             run.log(iter=iter_num, val_loss=val_loss, val_time=round(time.time() - t0, 3))
-            if val_loss < best_val_loss:  # first, so that ckpt_last.pt never claims a best ckpt.pt lacks
+            if val_loss < best_val_loss:  # ckpt.pt first: a kill between the writes leaves the older pair
                 best_val_loss = val_loss
                 run.save("ckpt.pt", model, iter_num, best_val_loss)
             run.save("ckpt_last.pt", model, iter_num, best_val_loss, optimizer, scaler)
@@ -164,7 +164,7 @@ def train(model, loader, run, device, dtype, rank=0, world=1):
 
         # one optimizer step over batch_size x gradient_accumulation_steps reviews
         t0 = time.time()
-        ckpt_due = config.ckpt_interval and iter_num % config.ckpt_interval == 0 and iter_num % config.eval_interval
+        ckpt_due = config.ckpt_interval > 0 and iter_num % config.ckpt_interval == 0 and iter_num % config.eval_interval != 0
         rng = runs.rng_state(device) if ckpt_due else None  # before this step's dropout draws
         train_loss, tokens = forward_backward(step_model, loader, scaler, iter_num, config, device, dtype, rank, world)
         if not math.isfinite(train_loss):

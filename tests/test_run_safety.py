@@ -512,3 +512,47 @@ def test_devices_this_code_does_not_run_on_are_one_line(finished_run, device, ca
     out, _ = finished_run
     fails_with(capsys, 2, f"generate.py: error: device={device!r}: expected auto, cpu, cuda, cuda:N or mps",
                generate.main, [f"out_dir={out}", f"device={device}", "text=hi"])
+
+
+@pytest.mark.parametrize("make", [lambda p, victim: p.symlink_to(victim), lambda p, victim: os.mkfifo(p),
+                                  lambda p, victim: p.mkdir()])
+def test_a_lock_file_that_is_not_a_plain_file_is_refused_and_nothing_outside_is_written(finished_run, tmp_path, capsys,
+                                                                                        make):
+    out, _ = finished_run
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / ".lock").unlink()
+    make(out / ".lock", victim)
+    with pytest.raises(SystemExit) as e:
+        generate.main([f"out_dir={out}", "ckpt=best", "device=cpu", "text=fine"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"generate.py: error: {out / '.lock'} ") and err.endswith("remove it\n")
+    assert victim.read_text() == "precious"
+
+
+def test_torchrun_variables_alone_do_not_make_a_worker(finished_run, hf_gpt2_dir, small_data_dir, capsys, monkeypatch):
+    out, _ = finished_run
+    monkeypatch.setenv("RANK", "1")  # without WORLD_SIZE > 1 this is a process of its own: it takes the lock
+    with runs.hold(str(out), "test"):
+        fails_with(capsys, 2, f"train.py: error: out_dir={str(out)!r} is in use by test (process {os.getpid()}); wait "
+                   "for it to end or choose another out_dir", run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out))
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    fails_with(capsys, 2, "train.py: error: WORLD_SIZE='two' and LOCAL_RANK=None: expected whole numbers, as torchrun "
+               "sets them", run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out))
+
+
+def test_a_damaged_best_checkpoint_is_found_before_resuming(finished_run, hf_gpt2_dir, small_data_dir, capsys):
+    out, _ = finished_run
+    (out / "ckpt.pt").write_bytes(b"")
+    before = files(out)
+    fails_with(capsys, 2, f"train.py: error: {out / 'ckpt.pt'} is corrupt or truncated (an empty file)", run_train,
+               *tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
+    assert files(out) == before
+
+
+def test_an_out_dir_that_is_a_dangling_link_is_one_line(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    out = tmp_path / "link"
+    out.symlink_to(tmp_path / "gone")
+    fails_with(capsys, 2, f"train.py: error: out_dir={str(out)!r} is a symbolic link to {str(tmp_path / 'gone')!r}, "
+               "which does not exist", run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out))
+    assert not (tmp_path / "gone").exists()
