@@ -167,7 +167,6 @@ def bench_train_step(shape, loader, config, device, dtype):
     torch.manual_seed(0)
     model = GPT(GPTConfig(lora_rank=128, lora_alpha=512.0, lora_dropout=0.05, **shape))
     model = mark_only_lora_as_trainable(model).to(device).train()
-    trained = [p for p in model.parameters() if p.requires_grad]
     warmup, steps = 2, config.steps
     tokens = sum(len(ids) - 1 for ids, _ in loader.train_examples(warmup * per_step, steps * per_step))
     rows = []

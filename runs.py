@@ -1,17 +1,23 @@
 """The run harness: what keeps a run's directory (out_dir) safe and its results whole. Not part of
 the homework; train.py and generate.py call it in a few lines:
 
-    with runs.reported_errors("train.py", debug):    # a mistake is one line and exit status 2
-        run = runs.open_run(config, explicit, ...)   # lock out_dir, then start afresh or resume
-        run.log(iter=..., val_loss=...)              # metrics.jsonl (and wandb), the progress bar
-        run.save("ckpt.pt", model, ...)              # a checkpoint, written atomically
-        run.finish(...)
+    with runs.reported_errors("train.py", debug):             # a mistake: one line, exit status 2
+        with runs.open_run(config, explicit) as run:          # lock out_dir, then start afresh or resume
+            iter_num, best_val_loss = run.restore(optimizer, scaler, device)  # where to go on from
+            run.log(iter=..., val_loss=...)                   # metrics.jsonl (and wandb), the progress bar
+            run.save("ckpt.pt", model, ...)                   # a checkpoint, written atomically
+            run.finish(...)
+    with runs.hold(out_dir, "generate.py") as run:           # the lock, for reading and evaluating
+        model, checkpoints = run.load_checkpoints(config, explicit)
+        run.write_results(rows, predictions, config)
 
 One process at a time holds an out_dir (a kernel lock, released however the process ends). A
 checkpoint holds the trained tensors only: for a LoRA run the A and B matrices (lora_state_dict)
 and the identity of the base model they apply to; for full fine-tuning every weight. ckpt.pt is the
-best validation loss; ckpt_last.pt the latest state, with AdamW and random state to resume from.
-Every file carries the run's id; files are written atomically and loaded without pickled code.
+best validation loss; ckpt_last.pt the latest state, with AdamW and every process's random state,
+to resume from. Every file carries the run's id; files are written atomically and loaded without
+pickled code. Sections: errors; where weights and data come from; checkpoint files; the run
+directory and its results files; a training run; metrics.
 """
 import contextlib
 import difflib
