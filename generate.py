@@ -146,7 +146,7 @@ def main(argv):
         device, dtype = device_and_dtype(config.device, config.dtype)
         torch.manual_seed(config.seed)
         texts = runs.read_reviews(config.text, config.file)  # none unless text= or file= is given
-        with runs.hold(config.out_dir, "generate.py", create=not texts) as run:
+        with runs.hold(config.out_dir, "generate.py", create=not texts, lock=config.init_from == "resume" or not texts) as run:
             if config.init_from == "resume":  # one model of the run's base, each checkpoint's tensors in turn
                 model, checkpoints = run.load_checkpoints(config, explicit)  # and the run's dataset and template
             else:  # zero-shot

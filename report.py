@@ -61,11 +61,7 @@ NOT_COMPARED = {"out_dir", "resume", "overwrite", "eval_test", "device", "compil
 
 
 def read_results(out_dir):
-    path = os.path.join(out_dir, "results.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return runs.read_results(os.path.join(out_dir, "results.json"))
 
 
 def run_state(out_dir):
@@ -115,8 +111,12 @@ def train_argv(config, run):
         extra = shlex.split(config.extra)
         flags = [*shlex.split(RUNS[run][1]), f"out_dir={os.path.join(config.results_dir, run)}", "resume=auto",
                  "eval_test=true", f"init_from={config.init_from}", f"dataset={config.dataset}", f"device={config.device}",
-                 *extra, *([f"max_iters={config.max_iters}"] if config.max_iters else [])]
-        return list({canonical(f.partition("=")[0].lstrip("-"), train.FLAGS): f for f in flags}.values())
+                 *([f"max_iters={config.max_iters}"] if config.max_iters else []), *extra]
+        chosen = {canonical(f.partition("=")[0].lstrip("-"), train.FLAGS): f for f in flags}
+        decided = {canonical(f.partition("=")[0].lstrip("-"), train.FLAGS) for f in extra} & {"out_dir", "resume", "overwrite"}
+        if decided:
+            raise UsageError(f"{', '.join(sorted(decided))}: report.py sets these itself (results_dir=, overwrite=)")
+        return list(chosen.values())
     except (ValueError, UsageError) as e:
         fail("report.py", f"extra={config.extra!r}: {e}")
 
@@ -156,7 +156,8 @@ def run_summary(out_dir, checkpoint):
     trainable, total = count_parameters(model)
     results = read_results(out_dir)
     by_name = {r["checkpoint"]: r for r in results["results"] if (r["method"], r["parse"]) == ("generate", "near_start")}
-    metrics = runs.read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    # rows past the run's iteration are an abandoned extension's
+    metrics = [r for r in runs.read_metrics(os.path.join(out_dir, "metrics.jsonl")) if r["iter"] <= checkpoint["iter_num"]]
     return dict(rank=model.config.lora_rank, alpha=model.config.lora_alpha, best=by_name["Best Val Checkpoint"],
                 last=by_name["Last Iter Checkpoint"], trainable=trainable, total=total,
                 seconds=metrics[-1]["elapsed"] if metrics else None, device=by_name["Best Val Checkpoint"]["settings"]["device"],
@@ -202,7 +203,7 @@ def write_plots(results_dir, summaries):
     series = {}
     for run in summaries:
         rows = runs.read_metrics(os.path.join(results_dir, run, "metrics.jsonl"))
-        series[run] = [[r["iter"], r["val_loss"]] for r in rows if "val_loss" in r]
+        series[run] = [[r["iter"], r["val_loss"]] for r in rows if "val_loss" in r and r["iter"] <= summaries[run]["iters"]]
     for filename, (title, names) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
         for run in names:

@@ -387,6 +387,11 @@ class Run:
         if lock and os.path.isdir(out_dir):
             self.lock_fd = take_lock(out_dir, program)
             self.finish_pending_predictions()
+            for name in os.listdir(out_dir):  # temporary files of a process killed while writing
+                if re.fullmatch(r"\.(.+)\.\w+\.tmp", name) and name.split(".")[1] in {f.split(".")[0] for f in RUN_FILES}:
+                    os.remove(self.path(name))
+        elif lock and create:  # made, then removed by a process that gave it up: never go on unlocked
+            raise UsageError(f"out_dir={out_dir!r} was removed as this process started; run it again")
 
     def path(self, name):
         return os.path.join(self.out_dir, name)
@@ -446,7 +451,7 @@ class Run:
         names = ("results.json", "predictions.json") if complete and not beside_a_run else (
             "last_evaluation.json", "last_predictions.json")
         results_path, predictions_path = map(self.path, names)
-        old = read_results(results_path) if complete else None
+        old = read_results(results_path, predictions_path) if complete else None
         if old and old.get("run_id") == run_id:  # keep the rows this evaluation does not replace
             new, now = {row_key(r) for r in rows}, {r["checkpoint"]: r["iter_num"] for r in rows}
             kept = {row_key(r) for r in old["results"] if row_key(r) not in new and now.get(r["checkpoint"], r.get("iter_num"))
@@ -490,7 +495,7 @@ def file_sha1(path):
 def is_tested(out_dir):
     """Whether results.json holds the greedy test accuracy of both of out_dir's checkpoints as they are
     now: rows of their run, at their iterations."""
-    results, at = read_results(os.path.join(out_dir, "results.json")) or {}, {}
+    results, at = read_results(*(os.path.join(out_dir, f) for f in ("results.json", "predictions.json"))) or {}, {}
     for name, filename in CHECKPOINTS.values():
         path = os.path.join(out_dir, filename)
         if not os.path.isfile(path):
@@ -505,12 +510,14 @@ def row_key(row):
     return row["checkpoint"], row["method"], row["parse"]
 
 
-def read_results(path):
-    """A results file of ours ({"run_id", "results": rows}), or None where it is missing or not one:
-    a damaged one is then replaced, never read."""
+def read_results(path, predictions=None):
+    """A results file of ours ({"run_id", "results": rows}), or None where it is missing or not one,
+    or where its predictions file (given) is not the one it names: such a pair is replaced, never read."""
     results = read_json(path)
     rows = results.get("results") if isinstance(results, dict) else None
     ok = isinstance(rows, list) and all(isinstance(r, dict) and {"checkpoint", "method", "parse"} <= set(r) for r in rows)
+    if ok and predictions is not None:
+        ok = os.path.isfile(predictions) and results.get("predictions_sha1") == file_sha1(predictions)
     return results if ok else None
 
 
@@ -522,9 +529,9 @@ def read_json(path):
         return None
 
 
-def hold(out_dir, program, create=False):
+def hold(out_dir, program, create=False, lock=True):
     """out_dir held for reading and writing evaluations; made if missing where create is true."""
-    return Run(out_dir, program, create=create)
+    return Run(out_dir, program, create=create, lock=lock)
 
 
 def take_lock(out_dir, program):
@@ -640,7 +647,8 @@ def resume_config(config, explicit, run):
     best = run.path("ckpt.pt")
     if not os.path.isfile(best):
         raise CheckpointError(f"{path} has no {best} beside it; continue the run from a whole copy of its out_dir")
-    same_run({path: state, best: load_checkpoint(best)})  # files of two runs never continue as one
+    best_state = load_checkpoint(best)
+    same_run({path: state, best: best_state})  # files of two runs never continue as one
     results = read_results(run.path("results.json"))
     if results is not None and results.get("run_id") != state["run_id"]:
         raise CheckpointError(f"{run.path('results.json')} belongs to run {results.get('run_id')}, {path} to run "
@@ -654,6 +662,9 @@ def resume_config(config, explicit, run):
             raise UsageError(f"{key}={getattr(config, key)!r} differs from the checkpoint's {key}={saved[key]!r} "
                              f"in {path}; drop the flag or use a new out_dir")
     merged = SimpleNamespace(**dict(saved, **{k: getattr(config, k) for k in set(explicit) | set(MACHINE) if k != "init_from"}))
+    if best_state["iter_num"] > max(state["iter_num"], merged.max_iters):  # an extension killed between its writes
+        raise UsageError(f"{best} is at iteration {best_state['iter_num']}, past {path}'s {state['iter_num']}: an extension "
+                         f"to max_iters={best_state['config']['max_iters']} was interrupted; continue it with that max_iters")
     if state["iter_num"] > merged.max_iters:
         raise UsageError(f"out_dir={run.out_dir!r} holds a run at iteration {state['iter_num']}, past max_iters="
                          f"{merged.max_iters}; nothing was changed: give max_iters={state['iter_num']} or more to continue it")
@@ -779,7 +790,9 @@ class TrainingRun(Run):
         c = self.config
         config, _ = parse_flags("generate.py", generate.FLAGS, [f"out_dir={c.out_dir}", f"dataset={c.dataset}", f"seed={c.seed}",
                                                                 f"prompt_template={c.prompt_template}", f"batch_size={c.eval_batch_size}"])
-        rows, sets = generate.evaluate(model, self.checkpoints(("best", "last")), records, config, device, dtype)
+        checkpoints = self.checkpoints(("best", "last"))
+        self.trained_with = checkpoints[-1][1]["config"]  # only an evaluation on its own data is the run's result
+        rows, sets = generate.evaluate(model, checkpoints, records, config, device, dtype)
         print(f"results: {self.write_results(rows, sets, config)} and predictions.json")
 
     def tested(self):
@@ -793,11 +806,9 @@ class TrainingRun(Run):
         self.started = True
         if self.resume is None:  # an earlier run's wandb files too
             shutil.rmtree(self.path("wandb"), ignore_errors=True)
-        for name in RUN_FILES + tuple(os.listdir(self.out_dir)):
-            temporary = re.fullmatch(r"\.(.+)\.\w+\.tmp", name)  # left by a process killed while writing
-            if (self.resume is None and name in RUN_FILES) or (temporary and temporary[1] in RUN_FILES):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path(name))
+        for name in RUN_FILES if self.resume is None else ():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path(name))
         atomic_write(self.path("metrics.jsonl"), lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.rows).encode()))
         self.wandb = start_wandb(self.config)
 

@@ -80,6 +80,8 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     ('lr="1e-3', "extra='lr=\"1e-3': No closing quotation"),
     ("foo=1", "extra='foo=1': unknown flag 'foo' (-h lists the flags)"),
     ("lr=fast", "learning_rate='fast': expected a number"),
+    ("out_dir=/elsewhere resume=off", "extra='out_dir=/elsewhere resume=off': out_dir, resume: report.py sets these itself "
+                                     "(results_dir=, overwrite=)"),
 ])
 def test_bad_extra_flags_are_one_line(tmp_path, extra, message):
     result = subprocess.run([sys.executable, "report.py", f"results_dir={tmp_path}", "zero_shot=false", f"extra={extra}"],

@@ -16,7 +16,7 @@ import generate
 import runs
 import train
 from runs import UMASK, Run, atomic_write, load_checkpoint
-from conftest import KILLER, ROOT, files, losses, run_train, save_random_hf_gpt2, tiny_run_flags
+from conftest import KILLER, ROOT, files, last_wins, losses, run_train, save_random_hf_gpt2, tiny_run_flags
 
 
 def fails_with(capsys, code, message, call, *args):
@@ -556,3 +556,47 @@ def test_an_out_dir_that_is_a_dangling_link_is_one_line(hf_gpt2_dir, small_data_
     fails_with(capsys, 2, f"train.py: error: out_dir={str(out)!r} is a symbolic link to {str(tmp_path / 'gone')!r}, "
                "which does not exist", run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out))
     assert not (tmp_path / "gone").exists()
+
+
+def test_a_finished_run_evaluated_on_other_data_keeps_its_results(evaluated_run, hf_gpt2_dir, tmp_path):
+    out = evaluated_run
+    (out / "results.json").unlink()  # to be measured again, at the end of the run
+    other = tmp_path / "other_data"
+    other.mkdir()
+    for split in ("train", "validation", "test"):
+        (other / f"{split}.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": "bad", "label": 0}\n' * 10)
+    run_train("init_from=resume", f"out_dir={out}", f"dataset={other}", "eval_test=true")
+    assert not (out / "results.json").exists() and not runs.is_tested(str(out))
+    assert json.loads((out / "last_evaluation.json").read_text())["results"][0]["total"] == 20
+
+
+def test_an_extension_killed_between_its_writes_continues_only_to_its_end(finished_run, hf_gpt2_dir, small_data_dir,
+                                                                          capsys):
+    out, _ = finished_run
+    flags = tiny_run_flags(hf_gpt2_dir, small_data_dir, out)
+    killed = subprocess.run([sys.executable, "-c", KILLER, "atomic_write", "2", *last_wins(*flags, "max_iters=8")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)  # killed writing ckpt_last.pt at iteration 6
+    assert killed.returncode == -9 and load_checkpoint(out / "ckpt.pt")["iter_num"] == 6
+    assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 4
+    fails_with(capsys, 2, f"train.py: error: {out / 'ckpt.pt'} is at iteration 6, past {out / 'ckpt_last.pt'}'s 4: an "
+               "extension to max_iters=8 was interrupted; continue it with that max_iters", run_train, *flags)
+    run_train(*flags, "max_iters=8")
+    assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 8
+
+
+def test_predictions_that_are_not_the_ones_results_name_are_not_a_result(evaluated_run):
+    out = evaluated_run
+    (out / "predictions.json").write_text('[{"garbage": 1}]')
+    assert not runs.is_tested(str(out))
+    generate.main([f"out_dir={out}", "device=cpu", "ckpt=last", "method=logprob"])
+    results = json.loads((out / "results.json").read_text())["results"]  # the old rows went with their predictions
+    assert [(r["checkpoint"], r["method"]) for r in results] == [("Last Iter Checkpoint", "logprob")]
+    assert len(json.loads((out / "predictions.json").read_text())) == 1
+
+
+def test_classifying_with_a_raw_gpt2_needs_no_out_dir(hf_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "held"
+    out.mkdir()
+    with runs.hold(str(out), "train.py"):
+        generate.main([f"init_from={hf_gpt2_dir}", f"out_dir={out}", "device=cpu", "text=a fine film"])
+    assert capsys.readouterr().out.rstrip().endswith("a fine film")
