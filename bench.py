@@ -284,7 +284,7 @@ def bench_checkpoint_writes(shape, repeats=2):
     for p in trained:
         p.grad = torch.randn_like(p)
     optimizer.step()  # AdamW state exists, as at any evaluation after the first
-    best = dict(model=runs.trained_state(model), base=dict(init_from="bench", fingerprint=runs.base_fingerprint(model)))
+    best = runs.checkpoint_of(model, dict(init_from="bench", fingerprint=runs.base_fingerprint(model)))
     resume = dict(optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
     layouts = {
         "adapters": lambda: [best, dict(best, **resume)],

@@ -60,10 +60,6 @@ NOT_COMPARED = {"out_dir", "resume", "overwrite", "eval_test", "device", "compil
                 "eval_batch_size", "wandb_log", "wandb_project", "wandb_run_name"}
 
 
-def read_results(out_dir):
-    return runs.read_results(os.path.join(out_dir, "results.json"))
-
-
 def run_state(out_dir):
     """The run in out_dir (its id, config, model_args, iteration), or None; its tensors are mapped
     from the file, not read."""
@@ -95,7 +91,7 @@ def run_command(cmd):
 
 def zero_shot_row(config):
     """The zero-shot test accuracy of init_from on dataset, if it has been measured."""
-    results = read_results(os.path.join(config.results_dir, "zero_shot"))
+    results = runs.read_results(os.path.join(config.results_dir, "zero_shot", "results.json"))
     rows = results["results"] if results else []
     return next((r for r in rows if r["checkpoint"] == f"Zero-shot {config.init_from}" and r["method"] == "generate"
                  and r["parse"] == "near_start" and r["settings"]["dataset"] == config.dataset), None)
@@ -154,7 +150,7 @@ def run_summary(out_dir, checkpoint):
     if model.config.lora_rank > 0:
         mark_only_lora_as_trainable(model)
     trainable, total = count_parameters(model)
-    results = read_results(out_dir)
+    results = runs.read_results(os.path.join(out_dir, "results.json"))
     by_name = {r["checkpoint"]: r for r in results["results"] if (r["method"], r["parse"]) == ("generate", "near_start")}
     # rows past the run's iteration are an abandoned extension's
     metrics = [r for r in runs.read_metrics(os.path.join(out_dir, "metrics.jsonl")) if r["iter"] <= checkpoint["iter_num"]]

@@ -16,56 +16,43 @@ checkpoint holds the trained tensors only: for a LoRA run the A and B matrices (
 and the identity of the base model they apply to; for full fine-tuning every weight. ckpt.pt is the
 best validation loss; ckpt_last.pt the latest state, with AdamW and every process's random state,
 to resume from. Every file carries the run's id; files are written atomically and loaded without
-pickled code. Sections: errors; where weights and data come from; checkpoint files; the run
-directory and its results files; a training run; metrics.
+pickled code. Sections: errors; data and reviews given by the user; the run directory and its
+results files; a training run; metrics. Checkpoint files, and where weights come from, are in
+checkpoints.py.
 """
 import contextlib
-import difflib
-import functools
 import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
-import socket
 import stat
 import sys
 import tempfile
 import time
-import urllib.parse
 import uuid
-import zlib
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import torch
 
-from configurator import TRUE, UsageError, fail, is_local_path, parse_flags
-from lora import lora_state_dict, mark_only_lora_as_trainable
-from model import GPT, GPTConfig
+# checkpoint files, which train.py and generate.py too reach through this module (runs.load_model, ...)
+from checkpoints import (UMASK, CheckpointError, atomic_write, base_fingerprint, check_source, checkpoint_of,
+                         load_checkpoint, load_model, load_trained, loading_weights, same_run, save_checkpoint,
+                         trained_state, write_json)
+from configurator import UsageError, fail, parse_flags
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; out_dir is not guarded there
     fcntl = None
 
-CHECKPOINT_VERSION = 3
-KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
 RESUME_KEYS = {"optimizer", "scaler", "rng"}  # ckpt_last.pt holds these too: it is where a run resumes
 RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "results.json", "predictions.json", "predictions.json.next",
              "last_evaluation.json", "last_predictions.json", "last_predictions.json.next")
 MACHINE = ("out_dir", "device", "dtype", "compile", "debug")  # flags of this command, never a resumed run's
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 ARCHITECTURE = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block_size")
 KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")
-UMASK = os.umask(0o022)
-os.umask(UMASK)  # read once: new files get the usual permissions, not mkstemp's owner-only ones
-
-
-class CheckpointError(UsageError):
-    """A checkpoint file that cannot be used; the message says why."""
 
 
 class DataError(UsageError):
@@ -92,54 +79,7 @@ def reported_errors(program, debug=False):
 
 
 # -----------------------------------------------------------------------------
-# where weights and data come from
-
-def check_source(flag, name):
-    """Before anything is loaded: a directory named by flag must exist; where the hub cannot be
-    reached, the Hugging Face libraries are told to use their local cache at once instead of
-    retrying for a minute (so call it before they are imported)."""
-    if is_local_path(name):
-        if not os.path.isdir(name):
-            raise UsageError(f"{flag}={name!r}: no such directory")
-    elif not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-
-
-def hub_reachable():
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE:
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # only the proxy knows; the libraries find out themselves
-    return answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-
-
-@functools.lru_cache(maxsize=None)
-def answers(url):
-    endpoint = urllib.parse.urlsplit(url)
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def loading_weights(flag, name):
-    """Where name is, checked first (check_source); weights that cannot be loaded from there: one line
-    that names the flag that fixes it."""
-    check_source(flag, name)
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except (OSError, ValueError) as e:
-        expected = "" if name in GPT2_SIZES else (": expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id "
-                                                  "or a local Hugging Face GPT-2 directory")
-        close = difflib.get_close_matches(name, GPT2_SIZES, n=1, cutoff=0.8)
-        hint = f"did you mean {flag}={close[0]}?" if close and close[0] != name else f"a local copy works too: {flag}=DIR"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"{flag}={name!r}: cannot load GPT-2 weights from {name!r}{expected} ({reason}); {hint}") from None
-
+# data and reviews given by the user
 
 def read_jsonl_splits(directory, splits):
     """{split: records} from directory/<split>.jsonl, a local copy of a dataset: one JSON object
@@ -206,144 +146,6 @@ def progress(batches, desc, enabled=True):
 
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
-
-
-# -----------------------------------------------------------------------------
-# checkpoint files
-
-def atomic_write(path, write):
-    """Write path through a new temporary file beside it, then rename that into place: a kill or
-    a failed write leaves the previous file intact, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~UMASK)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.remove(tmp)
-        cause = e  # torch.save reports a failed write (a full disk) as a RuntimeError caused by the OSError
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise OSError(f"could not write {path} ({cause.strerror or cause}); the previous file, if any, "
-                          "is intact") from None
-        raise
-
-
-def save_checkpoint(path, checkpoint):
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
-
-
-def trained_state(model):
-    """What a run trains: the LoRA matrices, or every weight (the tied lm_head once, as wte)."""
-    if model.config.lora_rank > 0:
-        return lora_state_dict(model)
-    return {name: p.detach() for name, p in model.named_parameters()}
-
-
-def base_fingerprint(model):
-    """Identity of the frozen weights a LoRA checkpoint applies to: every tensor's name and shape and a
-    CRC-32 of its bytes (a change to any value shows, but for one chance in four billion; 0.3 s for
-    gpt2-medium, where hashing its 1.4 GB with sha256 takes 1.2 s)."""
-    if any(getattr(m, "has_weights_merged", False) for m in model.modules()):
-        raise RuntimeError("the base weights have LoRA merged into them; call model.train() first")
-    digest = hashlib.sha256()
-    for name, t in model.named_parameters(remove_duplicate=True):
-        if "lora_" not in name:
-            crc = zlib.crc32(t.detach().cpu().contiguous().view(torch.uint8).numpy())
-            digest.update(f"{name}{tuple(t.shape)}{t.dtype}{crc}".encode())
-    return digest.hexdigest()[:16]
-
-
-def load_checkpoint(path, map_location="cpu", mmap=False):
-    """A checkpoint of this project, loaded with weights_only=True: tensors and plain data, never
-    pickled code. mmap: tensors mapped from the file, read only where used."""
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):
-            raise CheckpointError(f"{path} needs pickled code to load; refused (only tensors and "
-                                  "plain data are loaded, for safety)") from None
-        text = str(e).split("WeightsUnpickler error:")[-1]  # not PyTorch's advice to load it unsafely
-        reason = "an empty file" if os.path.getsize(path) == 0 else (text.strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} is corrupt or truncated ({reason})") from None
-    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint:
-        raise CheckpointError(f"{path} is not a checkpoint of this project")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('version')!r}; "
-                              f"this code reads format {CHECKPOINT_VERSION}")
-    if not KEYS <= set(checkpoint):
-        raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(KEYS - set(checkpoint)))}")
-    if not isinstance(checkpoint["model"], dict) or not all(torch.is_tensor(t) for t in checkpoint["model"].values()):
-        raise CheckpointError(f"{path} is incomplete: its 'model' is not a set of tensors")
-    return checkpoint
-
-
-def same_run(checkpoints):
-    """Refuse files of different runs (an overwritten run's leftovers, files copied between runs)."""
-    ids = {path: c["run_id"] for path, c in checkpoints.items()}
-    if len(set(ids.values())) > 1:
-        raise CheckpointError("these files belong to different runs: " +
-                              ", ".join(f"{path} (run {run_id})" for path, run_id in ids.items()))
-
-
-def load_model(checkpoint, base=None):
-    """The model a checkpoint describes. A LoRA checkpoint is applied to its base model (its
-    init_from, or base= where the same weights are elsewhere), which must be the one it trained on."""
-    try:
-        config = GPTConfig(**checkpoint["model_args"])
-    except TypeError as e:
-        raise CheckpointError(f"the checkpoint's model_args are not this model's settings ({e})") from None
-    if config.n_embd % config.n_head or (config.lora_rank > 0) != (checkpoint["base"] is not None):
-        raise CheckpointError(f"the checkpoint's model_args are inconsistent: {checkpoint['model_args']}")
-    with torch.device("meta"):  # its shapes, allocating nothing: model_args may be damaged
-        check_tensors(trained_state(mark_only_lora_as_trainable(GPT(config)) if config.lora_rank else GPT(config)),
-                      checkpoint)
-    if checkpoint["base"] is None:
-        model = GPT.uninitialized(config)
-    else:
-        base = base or checkpoint["base"]["init_from"]
-        with loading_weights("base", base):
-            model = GPT.from_pretrained(base, dict(dropout=config.dropout, lora_rank=config.lora_rank,
-                                                   lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
-        differs = next((k for k, v in asdict(model.config).items() if checkpoint["model_args"][k] != v), None)
-        if differs:
-            raise CheckpointError(f"the checkpoint's model_args have {differs}={checkpoint['model_args'][differs]!r}, "
-                                  f"its base model {differs}={getattr(model.config, differs)!r}")
-        if base_fingerprint(model) != checkpoint["base"]["fingerprint"]:
-            raise CheckpointError(f"the adapter was trained on {checkpoint['base']['init_from']} (weights "
-                                  f"{checkpoint['base']['fingerprint']}), not on {base} (weights "
-                                  f"{base_fingerprint(model)}); give the base it was trained on")
-        mark_only_lora_as_trainable(model)
-    load_trained(model, checkpoint)
-    return model
-
-
-def load_trained(model, checkpoint):
-    """Copy a checkpoint's trained tensors into model (a model of the same run's shape)."""
-    model.train()  # LoRA unmerged first: eval() merges the new A and B afresh
-    check_tensors(trained_state(model), checkpoint)
-    model.load_state_dict(checkpoint["model"], strict=False)
-
-
-def check_tensors(expected, checkpoint):
-    state = checkpoint["model"]
-    if set(state) != set(expected):
-        raise CheckpointError(f"the checkpoint's tensors do not match the model: {len(set(state) - set(expected))} "
-                              f"unexpected, {len(set(expected) - set(state))} missing")
-    wrong = next((name for name, t in state.items() if t.shape != expected[name].shape), None)
-    if wrong:
-        raise CheckpointError(f"the checkpoint's {wrong} has shape {tuple(state[wrong].shape)}, the model's "
-                              f"{tuple(expected[wrong].shape)}: its tensors and model_args disagree")
 
 
 # -----------------------------------------------------------------------------
@@ -441,9 +243,9 @@ class Run:
         checkpoint, method and reading, each replaced only by a newer one of its own. Anything else (a
         subset, another split, sampling, a raw model beside a run's checkpoints) goes to
         last_evaluation.json and last_predictions.json. Returns the results file's path."""
-        import generate
-        run_id, split, default = self.run_id, config.split, generate.FLAGS["max_new_tokens"][0]
-        complete = split == "test" and config.num_examples == 0 and config.temperature == 0 and config.max_new_tokens == default
+        run_id, split = self.run_id, config.split
+        complete = (split == "test" and config.num_examples == 0 and config.temperature == 0
+                    and config.max_new_tokens == handout_answer_tokens())
         if self.trained_with is not None:  # a run's checkpoints: on the data and prompt they were trained with
             complete = complete and (config.dataset, config.prompt_template) == (
                 self.trained_with["dataset"], self.trained_with["prompt_template"])
@@ -457,8 +259,8 @@ class Run:
             kept = {row_key(r) for r in old["results"] if row_key(r) not in new and now.get(r["checkpoint"], r.get("iter_num"))
                     == r.get("iter_num")}  # a row of an earlier state of a checkpoint evaluated now is dropped
             rows = [r for r in old["results"] if row_key(r) in kept] + rows
-            old_sets = read_json(predictions_path) if isinstance(read_json(predictions_path), list) else []
-            sets = [s for s in old_sets if isinstance(s, dict) and row_key(s) in kept] + sets
+            old_sets = read_json(predictions_path)  # whole: read_results checked its hash
+            sets = [s for s in old_sets if row_key(s) in kept] + sets
         # the pair changes together: the predictions wait beside the old ones until results.json, written
         # second, names them by their hash; one left waiting is moved into place by the next process
         pending = predictions_path + ".next"
@@ -485,6 +287,12 @@ class Run:
 
 
 CHECKPOINTS = {"best": ("Best Val Checkpoint", "ckpt.pt"), "last": ("Last Iter Checkpoint", "ckpt_last.pt")}
+
+
+def handout_answer_tokens():
+    """How many tokens generate.py reads an answer off by default: the run's test accuracy uses these."""
+    import generate
+    return generate.FLAGS["max_new_tokens"][0]
 
 
 def file_sha1(path):
@@ -720,9 +528,8 @@ class TrainingRun(Run):
         self._first_write()
         if model.config.lora_rank > 0 and self.base is None:
             self.base = dict(init_from=self.config.init_from, fingerprint=base_fingerprint(model))
-        checkpoint = dict(version=CHECKPOINT_VERSION, run_id=self.run_id, model=trained_state(model),
-                          model_args=asdict(model.config), base=self.base, iter_num=iter_num,
-                          best_val_loss=best_val_loss, config=vars(self.config))
+        checkpoint = checkpoint_of(model, self.base, run_id=self.run_id, iter_num=iter_num, best_val_loss=best_val_loss,
+                                   config=vars(self.config))
         if optimizer is not None:
             checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng)
         # a sum is finite only where every element is: 100x faster than torch.isfinite on some CPU builds
@@ -773,7 +580,6 @@ class TrainingRun(Run):
         """What only the model and the data tell, before training: a step's reviews fit in the train
         split and divide among the processes, and (with eval_test) the test prompts fit the context
         beside generate.py's answer."""
-        import generate
         from dataloader import check_prompt_room
         c = self.config
         step = c.batch_size * c.gradient_accumulation_steps
@@ -781,7 +587,7 @@ class TrainingRun(Run):
             raise UsageError(f"batch_size x gradient_accumulation_steps = {step} reviews a step: more than the "
                              f"{len(loader.examples['train'])} of the train split, or not divisible by {world} processes")
         if c.eval_test:
-            check_prompt_room(c.prompt_template, model.config.block_size, generate.FLAGS["max_new_tokens"][0])
+            check_prompt_room(c.prompt_template, model.config.block_size, handout_answer_tokens())
 
     def test_accuracy(self, model, records, device, dtype):
         """The handout's accuracy lines for both checkpoints on the test split, as generate.py prints

@@ -112,13 +112,10 @@ def greedy_one_at_a_time(model, prompt, max_new_tokens):
     return idx[0, len(prompt):].tolist()
 
 
-def checkpoint_of(model, base=None, **entries):
+def checkpoint_of(model, base=None):
     """A checkpoint dict of model's trained tensors, as train.py writes ckpt.pt."""
-    import dataclasses
-    import runs
-    return dict(dict(version=runs.CHECKPOINT_VERSION, run_id="test", model=runs.trained_state(model),
-                     model_args=dataclasses.asdict(model.config), base=base, iter_num=0, best_val_loss=0.0, config={}),
-                **entries)
+    import checkpoints
+    return checkpoints.checkpoint_of(model, base, run_id="test", iter_num=0, best_val_loss=0.0, config={})
 
 
 def last_wins(*flags, names=None):
@@ -144,7 +141,7 @@ def run_train(*flags):
 # a killed run, and the uninterrupted run it must equal once resumed
 KILLER = r"""
 import os, signal, sys
-import runs, train
+import checkpoints, train
 target, nth = sys.argv[1], int(sys.argv[2])
 calls = [0]
 def wrap(original):
@@ -165,7 +162,7 @@ def wrap(original):
         return original(*args, **kwargs)
     return wrapped
 if target == "atomic_write":
-    runs.atomic_write = wrap(runs.atomic_write)
+    checkpoints.atomic_write = wrap(checkpoints.atomic_write)
 else:
     train.validation_loss = wrap(train.validation_loss)
 train.main(sys.argv[3:])
