@@ -7,10 +7,8 @@ Each flag's type is its default's type (a list default makes a flag that may rep
 learning_rate. A mistake exits with status 2 and one line that names the flag.
 """
 import contextlib
-import ctypes
 import difflib
 import os
-import signal
 import sys
 from types import SimpleNamespace
 
@@ -196,12 +194,6 @@ def is_local_path(name):
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0]))
 
 
-def end_with_parent():
-    """Linux: have the kernel kill this process when its parent dies (elsewhere: nothing)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
 def device_and_dtype(device, dtype):
     """The device and precision to run on. device auto: CUDA where present, else the CPU. dtype auto:
     bfloat16 on CUDA cards that support it, float16 on older ones (a T4), float32 elsewhere."""
@@ -238,7 +230,6 @@ def distributed(device):
                          f"{os.environ.get('LOCAL_RANK')!r}: expected whole numbers, as torchrun sets them") from None
     if world <= 1:
         return 0, 1, device
-    end_with_parent()  # a killed torchrun takes its workers along, and the lock they hold
     import torch
     import torch.distributed as dist
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")

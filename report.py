@@ -13,9 +13,12 @@ and val_loss_alpha.png (validation loss against iteration) and val_loss.json (th
 into results_dir.
 """
 import ast
+import contextlib
+import ctypes
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import zipfile
@@ -24,7 +27,7 @@ import torch
 
 import runs
 import train
-from configurator import UsageError, canonical, end_with_parent, fail, parse_flags
+from configurator import UsageError, canonical, fail, parse_flags
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig, count_parameters
 
@@ -80,6 +83,12 @@ def first_difference(saved, train_argv):
     asked = vars(asked)
     return next(((k, saved.get(k), asked[k]) for k in train.FLAGS if k not in NOT_COMPARED and saved.get(k) != asked[k]),
                 None)
+
+
+def end_with_parent():
+    """Linux: have the kernel kill this process when its parent dies (elsewhere: nothing)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def run_command(cmd):

@@ -95,8 +95,7 @@ def validation_loss(model, loader, config, device, dtype, progress=True):
     """Mean loss per target token over the validation split (eval mode: LoRA merged)."""
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    batches = loader.batches("validation", config.eval_batch_size, config.eval_iters)
-    for x, y in runs.progress(batches, "validation", progress):
+    for x, y in runs.progress(loader.batches("validation", config.eval_batch_size, config.eval_iters), "validation", progress):
         with autocast(device, dtype):
             _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=config.share_prefix)
         total += loss.float()
