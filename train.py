@@ -194,10 +194,11 @@ def main(argv):
             run.print(f"{config.init_from} on {device} ({dtype}); trainable parameters: {trainable:,} of {total:,} "
                       f"({100 * trainable / total:.2f}%); {loader.truncated} reviews truncated to fit")
             train(model, loader, run, device, dtype, rank, world)
+            if world > 1:  # every process is past its last collective before any leaves the group
+                dist.barrier()
+                dist.destroy_process_group()
             if config.eval_test and run.master and not run.tested():
                 run.test_accuracy(model, loader.records["test"], device, dtype)
-        if world > 1:
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
