@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from configurator import autocast
 from conftest import ROOT, checkpoint_of, greedy_one_at_a_time, save_random_hf_gpt2
 from lora import LoRALinear, mark_only_lora_as_trainable
 from runs import base_fingerprint, load_model
@@ -110,9 +111,9 @@ ROWS = {"a shared start": (19, (5, 30, 12, 2)), "nothing shared": (0, (20, 25, 9
         "very different lengths": (19, (1, 80, 3, 150))}
 
 
-@pytest.mark.parametrize("rows", list(ROWS))
-@pytest.mark.parametrize("rank", [8, 0])
-def test_training_computes_the_common_start_once_with_the_same_loss_and_gradients(hf_gpt2_dir, rows, rank, monkeypatch):
+def training_model_and_batch(hf_gpt2_dir, rows, rank):
+    """A GPT-2 (LoRA with a trained-looking B where rank > 0) and a right-padded batch of four rows
+    whose targets are each row's last two tokens, as in training."""
     torch.manual_seed(0)
     model = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=rank, lora_alpha=16.0))
     if rank:
@@ -127,25 +128,50 @@ def test_training_computes_the_common_start_once_with_the_same_loss_and_gradient
         assert len({t[0] for t in tokens}) == len(tokens)
     T = max(map(len, tokens))
     idx, targets = torch.full((4, T), 50256), torch.full((4, T), -100)
-    for i, row in enumerate(tokens):  # right-padded; as in training, the targets are each row's last two tokens
+    for i, row in enumerate(tokens):
         idx[i, :len(row)] = torch.tensor(row)
         targets[i, len(row) - 3:len(row) - 1] = idx[i, len(row) - 2:len(row)]
+    return model.train(), idx, targets
+
+
+def loss_and_gradients(model, idx, targets, share, dtype="float32"):
+    model.zero_grad(set_to_none=True)
+    with autocast("cpu", dtype):
+        _, loss = model(idx, targets, reduction="sum", share_prefix=share)
+    loss.backward()
+    return loss.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("rows", list(ROWS))
+@pytest.mark.parametrize("rank", [8, 0])
+def test_training_computes_the_common_start_once_with_the_same_loss_and_gradients(hf_gpt2_dir, rows, rank, monkeypatch):
+    model, idx, targets = training_model_and_batch(hf_gpt2_dir, rows, rank)
     expanded = []
     monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
-    model.train()
-    results = {}
-    for share in (True, False):
-        model.zero_grad(set_to_none=True)
-        _, loss = model(idx, targets, reduction="sum", share_prefix=share)
-        loss.backward()
-        results[share] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert expanded == ([4] if shared else [])  # the common start was computed once, as a batch of one
+    results = {share: loss_and_gradients(model, idx, targets, share) for share in (True, False)}
+    assert expanded == ([4] if ROWS[rows][0] else [])  # the common start was computed once, as a batch of one
     (shared_loss, shared_grads), (loss, grads) = results[True], results[False]
     torch.testing.assert_close(shared_loss, loss, rtol=0, atol=1e-5)
     assert set(shared_grads) == set(grads) and len(grads) == (12 if rank else 36)
     for name, grad in grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(shared_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_under_autocast_the_shared_start_is_as_accurate_as_every_row_whole(hf_gpt2_dir, dtype, monkeypatch):
+    model, idx, targets = training_model_and_batch(hf_gpt2_dir, "a shared start", rank=8)
+    exact_loss, exact = loss_and_gradients(model, idx, targets, share=False)
+    expanded = []
+    monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    (shared_loss, shared), (whole_loss, whole) = (loss_and_gradients(model, idx, targets, share, dtype)
+                                                  for share in (True, False))
+    assert expanded == [4]
+    assert abs(shared_loss - exact_loss) <= 2 * abs(whole_loss - exact_loss) + 1e-3 * exact_loss
+    for name, grad in exact.items():  # rounding of the lower precision, and nothing more
+        scale = grad.abs().max()
+        assert whole[name].dtype == torch.float32 and scale > 0, name
+        assert (shared[name] - grad).abs().max() <= 2 * (whole[name] - grad).abs().max() + 1e-3 * scale, name
 
 
 def test_lora_model_with_trained_B_merges_and_demerges(hf_gpt2_dir):
