@@ -221,22 +221,38 @@ def device_and_dtype(device, dtype):
 
 def distributed(device):
     """(rank, world size, device): torchrun's, where its WORLD_SIZE says there are several processes;
-    (0, 1, device) for a process of its own."""
+    (0, 1, device) for a process of its own. They join a process group only to train (process_group)."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        raise UsageError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} and LOCAL_RANK="
+        if world <= 1:
+            return 0, 1, device
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    except (KeyError, ValueError):
+        raise UsageError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}, RANK={os.environ.get('RANK')!r} and LOCAL_RANK="
                          f"{os.environ.get('LOCAL_RANK')!r}: expected whole numbers, as torchrun sets them") from None
-    if world <= 1:
-        return 0, 1, device
-    import torch
-    import torch.distributed as dist
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
+        import torch
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
+    return rank, world, device
+
+
+@contextlib.contextmanager
+def process_group(device, world):
+    """torchrun's processes joined for the time they train, then parted once all are done. Joined
+    after the model is loaded: a group that is up when transformers' model code is first imported
+    (or that DistributedDataParallel has used) outlives destroy_process_group, and its threads can
+    then abort the interpreter's exit."""
+    if world == 1:
+        yield
+        return
+    import torch.distributed as dist
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield
+        dist.barrier()  # every process is past its last collective before any leaves the group
+    finally:
+        dist.destroy_process_group()
 
 
 def autocast(device, dtype):

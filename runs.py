@@ -599,7 +599,7 @@ class TrainingRun(Run):
         checkpoints = self.checkpoints(("best", "last"))
         self.trained_with = checkpoints[-1][1]["config"]  # only an evaluation on its own data is the run's result
         rows, sets = generate.evaluate(model, checkpoints, records, config, device, dtype)
-        print(f"results: {self.write_results(rows, sets, config)} and predictions.json")
+        print(f"results: {self.write_results(rows, sets, config)} and its predictions")
 
     def tested(self):
         return is_tested(self.out_dir)

@@ -12,14 +12,12 @@ out_dir. runs.py, the harness, keeps the run safe: a lock on out_dir, resuming, 
 import math
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runs
-from configurator import autocast, device_and_dtype, distributed, parse_flags
+from configurator import autocast, device_and_dtype, distributed, parse_flags, process_group
 from dataloader import IGNORE_INDEX, PROMPT_TEMPLATES, CustomDataLoader, by_length, load_rotten_tomatoes
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig, count_parameters
@@ -113,18 +111,20 @@ def forward_backward(model, loader, scaler, iter_num, config, device, dtype, ran
     # micro-batches of similar length pad less; the step's reviews, and so its update, stay the same
     micro = by_length(examples[rank * share:(rank + 1) * share], config.batch_size, lambda e: len(e[0]))
     step_loss, tokens = torch.zeros((), device=device), 0
-    for k, batch in enumerate(micro):
+    for batch in micro:
         x, y = loader.collate(batch)
         tokens += x.numel()
-        with nullcontext() if world == 1 or k == len(micro) - 1 else model.no_sync():  # DDP syncs once a step
-            with autocast(device, dtype):
-                _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=config.share_prefix)
-            loss = loss * world / targets  # per target token of the whole step
-            scaler.scale(loss).backward()
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=config.share_prefix)
+        loss = loss / targets  # per target token of the whole step
+        scaler.scale(loss).backward()
         step_loss += loss.detach()
-    if world > 1:
+    if world > 1:  # the step's loss and gradients: sums over every process's reviews
         dist.all_reduce(step_loss)
-    return step_loss.item() / world, tokens * world
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.all_reduce(p.grad)
+    return step_loss.item(), tokens * world
 
 
 def clip_and_step(optimizer, scaler, grad_clip):
@@ -144,8 +144,10 @@ def train(model, loader, run, device, dtype, rank=0, world=1):
     iter_num, best_val_loss = run.restore(optimizer, scaler, device)
     evaluated = iter_num if run.resume else -1  # a resumed iteration's evaluation, if it has one, came before its save
     step_model = torch.compile(model) if config.compile else model
-    if world > 1:
-        step_model = DDP(step_model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    if world > 1:  # every process starts from process 0's weights: each drew its own random ones
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.detach(), src=0)
     while True:
         # the validation loss at the start, every eval_interval steps and at the end; the checkpoints
         if (iter_num % config.eval_interval == 0 or iter_num == config.max_iters) and iter_num != evaluated:
@@ -193,10 +195,8 @@ def main(argv):
             trainable, total = count_parameters(model)
             run.print(f"{config.init_from} on {device} ({dtype}); trainable parameters: {trainable:,} of {total:,} "
                       f"({100 * trainable / total:.2f}%); {loader.truncated} reviews truncated to fit")
-            train(model, loader, run, device, dtype, rank, world)
-            if world > 1:  # every process is past its last collective before any leaves the group
-                dist.barrier()
-                dist.destroy_process_group()
+            with process_group(device, world):
+                train(model, loader, run, device, dtype, rank, world)
             if config.eval_test and run.master and not run.tested():
                 run.test_accuracy(model, loader.records["test"], device, dtype)
 

@@ -51,6 +51,7 @@ def reachable(host):
 def fetch_test_data():
     """The splits and the tokenizer files the tests need: from ROTTEN_TOMATOES_DIR and TIKTOKEN_CACHE_DIR
     where set; else downloaded once through the project's own loaders into CACHE. None, or what is missing."""
+    import checkpoints
     import runs
     from dataloader import SPLITS, get_tokenizer, load_rotten_tomatoes
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(CACHE / "tiktoken"))
@@ -67,7 +68,7 @@ def fetch_test_data():
     if "ROTTEN_TOMATOES_DIR" not in os.environ:
         os.environ["ROTTEN_TOMATOES_DIR"] = str(CACHE / "rotten_tomatoes")
         if not (CACHE / "rotten_tomatoes").is_dir():
-            if not runs.hub_reachable():
+            if not checkpoints.hub_reachable():
                 return "ROTTEN_TOMATOES_DIR is not set and the Hugging Face hub cannot be reached"
             splits = load_rotten_tomatoes("rotten_tomatoes")
             CACHE.mkdir(parents=True, exist_ok=True)

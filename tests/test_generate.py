@@ -108,7 +108,7 @@ def test_train_reports_both_checkpoints_through_generate(trained_run):
     trained_run, printed = trained_run
     lines = [l for l in printed.splitlines() if " || Accuracy: " in l]
     assert [l.split(" || ")[0] for l in lines] == ["Best Val Checkpoint", "Last Iter Checkpoint"]
-    assert printed.endswith(f"results: {trained_run / 'results.json'} and predictions.json\n")
+    assert printed.endswith(f"results: {trained_run / 'results.json'} and its predictions\n")
     results = json.loads((trained_run / "results.json").read_text())
     for row in results["results"]:
         assert generate.report_line(row["checkpoint"], row) in lines

@@ -265,3 +265,15 @@ def test_missing_tokenizer_files_are_one_line(hf_gpt2_dir, small_data_dir, tmp_p
     assert result.returncode == 2
     assert re.fullmatch(r"train.py: error: cannot get the GPT-2 tokenizer's files \(\w+\); connect to the internet once, "
                         r"or set TIKTOKEN_CACHE_DIR to a directory that holds them\n", result.stderr), result.stderr
+
+
+def test_the_tests_without_data_or_hub_stop_at_once_naming_both_ways_out(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ROTTEN_TOMATOES_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")  # no cached copy, no hub
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/test_flags.py::test_three_forms_aliases_hyphens"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "ROTTEN_TOMATOES_DIR is not set and the Hugging Face hub cannot be reached: connect to the internet once (both " \
+           f"are then kept in {tmp_path / 'cache' / 'lora-gpt2-tests'}), or set ROTTEN_TOMATOES_DIR" in result.stdout + result.stderr
+    assert not (tmp_path / "cache" / "lora-gpt2-tests" / "rotten_tomatoes").exists()

@@ -537,7 +537,7 @@ def test_torchrun_variables_alone_do_not_make_a_worker(finished_run, hf_gpt2_dir
         fails_with(capsys, 2, f"train.py: error: out_dir={str(out)!r} is in use by test (process {os.getpid()}); wait "
                    "for it to end or choose another out_dir", run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out))
     monkeypatch.setenv("WORLD_SIZE", "two")
-    fails_with(capsys, 2, "train.py: error: WORLD_SIZE='two' and LOCAL_RANK=None: expected whole numbers, as torchrun "
+    fails_with(capsys, 2, "train.py: error: WORLD_SIZE='two', RANK='1' and LOCAL_RANK=None: expected whole numbers, as torchrun "
                "sets them", run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out))
 
 

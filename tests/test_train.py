@@ -167,13 +167,28 @@ def test_resume_refuses_a_different_architecture(hf_gpt2_dir, small_data_dir, tm
     assert {p: p.read_bytes() for p in out.iterdir()} == before
 
 
+# train.py, then the count of the process group's threads still running: a group left alive at exit
+# can abort the interpreter's shutdown (a worker's exit -6 in 1 to 3 runs in 100)
+TRAIN_THEN_COUNT_THREADS = """import os, sys
+sys.path.insert(0, {root!r})
+import train
+train.main(sys.argv[1:])
+names = [open(f"/proc/self/task/{{task}}/comm").read() for task in os.listdir("/proc/self/task")]
+sys.stdout.flush()  # then the line in one write: the two processes share the pipe
+sys.stdout.write(f"process group threads left: {{sum('gloo' in name for name in names)}}\\n")
+"""
+
+
 def torchrun(port, out, *flags, hf_gpt2_dir, small_data_dir):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py",
+    script = out.parent / "train_then_count_threads.py"
+    script.write_text(TRAIN_THEN_COUNT_THREADS.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script),
            f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "rank=8", "batch_size=4",
            "gradient_accumulation_steps=2", "eval_interval=2", "device=cpu", *flags]
     env = dict(os.environ, PYTHONFAULTHANDLER="1")  # a worker that aborts shows where
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-8000:]
+    assert result.stdout.count("process group threads left: 0\n") == 2, result.stdout[-2000:]
     return result
 
 
