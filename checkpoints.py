@@ -91,8 +91,9 @@ def loading_weights(flag, name):
 def atomic_write(path, write):
     """Write path through a new temporary file beside it, then rename that into place: a kill or
     a failed write leaves the previous file intact, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -100,7 +101,8 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        os.remove(tmp)
+        if tmp is not None:
+            os.remove(tmp)
         cause = e  # torch.save reports a failed write (a full disk) as a RuntimeError caused by the OSError
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__

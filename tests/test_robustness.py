@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -145,6 +146,23 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoints(finished_run, hf_
     for name in ("ckpt.pt", "ckpt_last.pt"):
         assert after[name] == before[name]
     assert not list(out.glob(".*.tmp"))
+
+
+def test_an_out_dir_that_refuses_new_files_is_one_line_naming_the_file(finished_run, hf_gpt2_dir, small_data_dir,
+                                                                        capsys, monkeypatch):
+    out, before = finished_run  # as a directory made immutable (chattr +i) while a run holds it
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"train.py: error: could not write {out}/metrics.jsonl (Operation not permitted); the previous file, if any, "
+        "is intact")
+    assert files(out) == before
 
 
 def test_nan_loss_stops_without_touching_checkpoints(finished_run, hf_gpt2_dir, small_data_dir, capsys):
