@@ -181,7 +181,7 @@ def test_submission_zip_holds_every_file_the_scripts_need_and_no_key(tmp_path):
     with zipfile.ZipFile(tmp_path / "submission.zip") as z:
         names = z.namelist()
         z.extractall(tmp_path / "unzipped")
-    assert sorted(names) == sorted(report.GRADED + ("configurator.py", "runs.py", "checkpoints.py", "report.py",
+    assert sorted(names) == sorted(report.GRADED + ("configurator.py", "runs.py", "run_dir.py", "checkpoints.py", "report.py",
                                                      "requirements.txt", "run_in_colab.ipynb"))
     for name in names:  # flat, as the course's upload wants, and the files as they are here
         assert (tmp_path / "unzipped" / name).read_bytes() == (ROOT / name).read_bytes()
