@@ -1,12 +1,11 @@
 """Rotten Tomatoes as instruction-tuning data: each review becomes its instr_tuned_text, `<prompt>
 positive` or `<prompt> negative` (the prompt ends with `Label:`), then <|endoftext|>."""
+import hashlib
+import json
 import os
 from functools import lru_cache
 
 import torch
-
-import runs
-from runs import DataError
 
 PROMPT_TEMPLATES = {
     "default": ("Instruction: Classify the sentiment of the movie review as positive or negative.\n"
@@ -17,6 +16,10 @@ LABEL_WORDS = {1: " positive", 0: " negative"}  # the leading space: GPT-2 sees 
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100  # a target with this value adds nothing to the loss (cross_entropy's default)
 HUB_NAMES = {"rotten_tomatoes": "cornell-movie-review-data/rotten_tomatoes"}
+
+
+class DataError(Exception):
+    """A dataset, a prompt or tokenizer files that cannot be used; the message says which and where."""
 
 
 @lru_cache(maxsize=None)
@@ -57,12 +60,12 @@ def encode_prompt(text, template="default", max_tokens=None):
     return ids
 
 
-def check_prompt_room(template, block_size, generated):
-    """Fail early where the model's context cannot hold a prompt and the tokens generated after it."""
+def check_prompt_room(template, block_size, answer_tokens, model="the model"):
+    """Fail early where model's context cannot hold a prompt and the answer tokens after it."""
     needed = len(encode_prompt("x", template))
-    if needed + generated > block_size:
-        raise DataError(f"the '{template}' prompt needs {needed} tokens and {generated} more are generated, "
-                        f"more than the model's {block_size}-token context")
+    if needed + answer_tokens > block_size:
+        raise DataError(f"the '{template}' prompt needs {needed} tokens and its answer {answer_tokens} more: more than "
+                        f"the {block_size}-token context of {model}")
 
 
 def sample(items, n, seed=0):
@@ -82,9 +85,9 @@ def by_length(items, batch_size, length=len):
 
 def load_rotten_tomatoes(dataset="rotten_tomatoes"):
     """{split: [{"text", "label"}, ...]} from the Hugging Face hub through `datasets`, or from a local
-    copy: a directory of train/validation/test.jsonl."""
+    copy: a directory of train/validation/test.jsonl, one {"text": ..., "label": 0 or 1} a line."""
     if os.path.isdir(dataset):
-        return runs.read_jsonl_splits(dataset, SPLITS)
+        return {split: read_jsonl(os.path.join(dataset, f"{split}.jsonl"), split) for split in SPLITS}
     try:
         from datasets import load_dataset  # only the hub path needs it
         hub = load_dataset(HUB_NAMES.get(dataset, dataset))
@@ -94,7 +97,50 @@ def load_rotten_tomatoes(dataset="rotten_tomatoes"):
                         "dataset=DIR, a directory with train.jsonl, validation.jsonl, test.jsonl") from None
     if any(s not in hub or len(hub[s]) == 0 for s in SPLITS):
         raise DataError(f"hub dataset {dataset} lacks a split of {', '.join(SPLITS)}, or it is empty")
-    return {s: [runs.checked_record(rec, f"{s} split: {dataset} row {n}") for n, rec in enumerate(hub[s])] for s in SPLITS}
+    return {s: [checked(rec, f"{s} split: {dataset} row {n}") for n, rec in enumerate(hub[s])] for s in SPLITS}
+
+
+def read_jsonl(path, split):
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise DataError(f"{split} split: {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{split} split: {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records += [checked(json.loads(line), f"{split} split: {path}:{n}")] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise DataError(f"{split} split: {path}:{n}: malformed JSON ({e.msg})") from None
+    if not records:
+        raise DataError(f"{split} split: {path} holds no examples")
+    return records
+
+
+def checked(rec, where):
+    """A dataset's row as {"text", "label"}: a review and 0 or 1; else one line that says where."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object with 'text' and 'label'")
+    if not isinstance(rec.get("text"), str) or not rec["text"].strip():
+        raise DataError(f"{where}: 'text' is missing or empty")
+    if rec.get("label") not in (0, 1) or isinstance(rec.get("label"), bool):
+        raise DataError(f"{where}: 'label' must be 0 or 1, got {rec.get('label')!r}")
+    return {"text": rec["text"], "label": rec["label"]}
+
+
+def fingerprint(splits):
+    """A short hash of the splits' reviews and labels: the same data in another place has the same one."""
+    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def common_start(rows):
+    """How many tokens every token list in rows starts with (at least one of each is left over): the
+    instruction, which the model then computes once for the whole batch."""
+    if len(rows) < 2:
+        return 0
+    return min(len(os.path.commonprefix(rows)), min(map(len, rows)) - 1)
 
 
 class CustomDataLoader:
@@ -139,7 +185,8 @@ class CustomDataLoader:
         return [self.examples["train"][epochs[i // n][i % n]] for i in range(start, start + count)]
 
     def collate(self, examples):
-        """Right-padded inputs and shifted targets, IGNORE_INDEX at padding (and the prompt, with mask_prompt)."""
+        """(x, y, shared): right-padded inputs, shifted targets (IGNORE_INDEX at padding, and at the
+        prompt with mask_prompt), and how many tokens every row starts with."""
         T = max(len(ids) for ids, _ in examples) - 1
         x = torch.full((len(examples), T), get_tokenizer().eot_token, dtype=torch.long)
         y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
@@ -149,10 +196,10 @@ class CustomDataLoader:
             y[row, :len(ids) - 1] = ids[1:]
             if self.mask_prompt:
                 y[row, :n_prompt - 1] = IGNORE_INDEX
-        return x, y
+        return x, y, common_start([ids[:-1] for ids, _ in examples])
 
     def batches(self, split, batch_size, max_batches=0):
-        """[(x, y)] over a split, grouped by length to pad little; with max_batches > 0, over
+        """[(x, y, shared)] over a split, grouped by length to pad little; with max_batches > 0, over
         max_batches x batch_size of its examples drawn at random (the same ones every time)."""
         examples = sample(self.examples[split], max_batches * batch_size)
         return [self.collate(batch) for batch in by_length(examples, batch_size, lambda e: len(e[0]))]

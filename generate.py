@@ -1,39 +1,51 @@
 """Test accuracy of a run's checkpoints, or zero-shot accuracy of a raw GPT-2.
 
-    python generate.py out_dir=runs/r16_a64            # the Best Val and Last Iter checkpoints
-    python generate.py init_from=gpt2-medium           # zero-shot
+    python generate.py out_dir=runs/r16_a64                   # the Best Val and Last Iter checkpoints
+    python generate.py init_from=gpt2-medium                  # zero-shot
     python generate.py out_dir=runs/r16_a64 text="an utterly charming film"   # classify your own reviews
 """
 import json
+import os
 import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
-import runs
-from configurator import autocast, device_and_dtype, parse_flags
-from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, by_length, check_prompt_room, encode_prompt, get_tokenizer,
-                        load_rotten_tomatoes, sample)
+from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, by_length, check_prompt_room, common_start,
+                        encode_prompt, get_tokenizer, load_rotten_tomatoes, sample)
+from harness.checkpoints import check_source, load_checkpoint, load_model, load_trained, loading_weights, read_json
+from harness.device import autocast, device_and_dtype, device_name
+from harness.flags import UsageError, parse_flags, reported_errors
+from harness.run import CHECKPOINTS, OutDir
 from model import GPT
 
 FLAGS = {  # name: (default, help[, allowed values])
-    "init_from": ("resume", "'resume': the checkpoints in out_dir; or gpt2, gpt2-medium, ..., a hub id or a local Hugging Face GPT-2 directory (zero-shot)"),
-    "out_dir": ("out", "where the checkpoints are; results.json and predictions.json go here"),
-    "ckpt": ("", "init_from=resume: best (ckpt.pt), last (ckpt_last.pt) or both; default: both, or best with text or file", ("", "best", "last", "both")),
+    "init_from": ("resume", "'resume': the checkpoints in out_dir; or gpt2, gpt2-medium, ..., a hub id or a "
+                            "local Hugging Face GPT-2 directory (zero-shot)"),
+    "out_dir": ("out", "where the checkpoints are; the results go here (results.json)"),
+    "ckpt": ("", "init_from=resume: best (ckpt.pt), last (ckpt_last.pt) or both; default: both, or best with "
+                 "text or file", ("", "best", "last", "both")),
     "base": ("", "a LoRA run's base model where it is no longer at the run's init_from (a name or directory)"),
     "text": ([], "classify this review instead of a split (repeat the flag for more)"),
     "file": ("", "classify each line of this file instead of a split ('-' = standard input)"),
-    "dataset": ("rotten_tomatoes", "hub name or local directory with train/validation/test.jsonl; init_from=resume: the run's unless given"),
+    "dataset": ("rotten_tomatoes", "hub name or local directory with train/validation/test.jsonl; "
+                                   "init_from=resume: the run's unless given"),
     "split": ("test", "the split to evaluate", ("test", "validation")),
     "num_examples": (0, "evaluate N reviews of the split drawn at random (the same N every time); 0 = all", ">= 0"),
     "prompt_template": ("default", "init_from=resume: the run's unless given", tuple(PROMPT_TEMPLATES)),
-    "method": ("generate", "generate: read the label off a few generated tokens, as the handout does; logprob: the likelier of ' positive' and ' negative' after the prompt (it always answers); both", ("generate", "logprob", "both")),
+    "method": ("generate", "generate: read the label off a few generated tokens, as the handout does; logprob: "
+                           "the likelier of ' positive' and ' negative' after the prompt (it always answers); both",
+               ("generate", "logprob", "both")),
     "max_new_tokens": (5, "tokens generated per review (fewer where the answer ends)", "> 0"),
-    "parse": ("near_start", "how an answer is read: near_start (the first of positive/negative within its first 20 characters, as the handout reads it) or first_word (its first word must be one)", ("near_start", "first_word")),
+    "parse": ("near_start", "how an answer is read: near_start (the first of positive/negative within its first "
+                            "20 characters, as the handout reads it) or first_word (its first word must be one)",
+              ("near_start", "first_word")),
     "temperature": (0.0, "0 = greedy (the default: accuracy must not depend on luck)", ">= 0"),
     "top_k": (0, "with temperature > 0, sample from the k most likely tokens; 0 = all", ">= 0"),
     "seed": (1337, "random seed for sampling", "[0, 2**32)"),
     "batch_size": (64, "reviews per batch", "> 0"),
+    "share_prefix": (True, "compute the start every prompt of a batch shares (the instruction) once per batch"),
     "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
     "dtype": ("auto", "auto, float32, bfloat16 or float16", ("auto", "float32", "bfloat16", "float16")),
     "debug": (False, "show full tracebacks"),
@@ -55,33 +67,52 @@ def parse_label(continuation, rule="near_start"):
     return label if start < NEAR_START else -1
 
 
+def batches_of(prompts, config, desc):
+    """Batches of prompt indices of similar length, each with how many tokens its prompts share."""
+    for batch in tqdm(by_length(range(len(prompts)), config.batch_size, lambda i: len(prompts[i])),
+                      desc=desc, unit="batch", leave=False, file=sys.stderr):
+        rows = [prompts[i] for i in batch]
+        yield batch, rows, common_start(rows) if config.share_prefix else 0
+
+
+def generated_answers(model, prompts, config, ctx):
+    """What the model writes after each prompt: up to max_new_tokens tokens, ending at <|endoftext|>."""
+    enc, answers = get_tokenizer(), [None] * len(prompts)
+    for batch, rows, shared in batches_of(prompts, config, f"generate {len(prompts)} reviews"):
+        with ctx:
+            new = model.generate_batch(rows, config.max_new_tokens, config.temperature, config.top_k or None,
+                                       (enc.eot_token,), shared)
+        for i, tokens in zip(batch, new):
+            answers[i] = enc.decode([t for t in tokens if t != enc.eot_token])
+    return answers
+
+
+def label_logits(model, prompts, config, ctx):
+    """For each prompt, the logit of ' positive' minus that of ' negative' as the next token."""
+    enc, differences = get_tokenizer(), [None] * len(prompts)
+    positive, negative = (enc.encode_ordinary(LABEL_WORDS[label])[0] for label in (1, 0))
+    for batch, rows, shared in batches_of(prompts, config, f"logprob {len(prompts)} reviews"):
+        with ctx:
+            logits = model.prefill(rows, shared)[0].float()
+        for i, difference in zip(batch, (logits[:, positive] - logits[:, negative]).tolist()):
+            differences[i] = difference
+    return differences
+
+
 @torch.no_grad()
-def predict_labels(model, records, method="generate", *, prompt_template="default", max_new_tokens=5, temperature=0.0,
-                   top_k=0, parse="near_start", batch_size=64, device="cpu", dtype="float32", share_prefix=True):
-    """Each record with continuation and prediction (1, 0 or -1): generate reads the label off up to
-    max_new_tokens tokens (<|endoftext|> ends them); logprob takes the likelier label and adds p_positive."""
+def predict_labels(model, records, method, config, ctx):
+    """Each record with continuation and prediction (1, 0 or -1): method generate reads the label off
+    the generated answer; logprob takes the likelier label word, and adds p_positive."""
     model.eval()  # merges LoRA into the weights
-    enc = get_tokenizer()
-    generated = max_new_tokens if method == "generate" else 0
-    check_prompt_room(prompt_template, model.config.block_size, generated)
-    prompts = [encode_prompt(r["text"], prompt_template, model.config.block_size - generated) for r in records]
-    positive_id, negative_id = (enc.encode_ordinary(LABEL_WORDS[label])[0] for label in (1, 0))
-    out = [dict(text=r["text"], label=r["label"]) for r in records]
-    batches = by_length(range(len(prompts)), batch_size, lambda i: len(prompts[i]))
-    for batch in runs.progress(batches, f"{method} {len(records)} reviews"):
-        with autocast(device, dtype):
-            if method == "generate":
-                new = model.generate_batch([prompts[i] for i in batch], max_new_tokens, temperature, top_k or None,
-                                           stop_tokens=(enc.eot_token,), share_prefix=share_prefix)
-                for i, tokens in zip(batch, new):
-                    out[i]["continuation"] = enc.decode([t for t in tokens if t != enc.eot_token])
-                    out[i]["prediction"] = parse_label(out[i]["continuation"], parse)
-            else:
-                logits = model.prefill([prompts[i] for i in batch], share_prefix)[0].float()
-                difference = logits[:, positive_id] - logits[:, negative_id]
-                for i, d, p in zip(batch, difference.tolist(), torch.sigmoid(difference).tolist()):
-                    out[i].update(continuation=LABEL_WORDS[int(d > 0)], prediction=int(d > 0), p_positive=p)
-    return out
+    generated = config.max_new_tokens if method == "generate" else 0
+    check_prompt_room(config.prompt_template, model.config.block_size, generated)
+    prompts = [encode_prompt(r["text"], config.prompt_template, model.config.block_size - generated) for r in records]
+    if method == "generate":
+        return [dict(text=r["text"], label=r["label"], continuation=answer, prediction=parse_label(answer, config.parse))
+                for r, answer in zip(records, generated_answers(model, prompts, config, ctx))]
+    differences = label_logits(model, prompts, config, ctx)
+    return [dict(text=r["text"], label=r["label"], continuation=LABEL_WORDS[int(d > 0)], prediction=int(d > 0),
+                 p_positive=p) for r, d, p in zip(records, differences, torch.sigmoid(torch.tensor(differences)).tolist())]
 
 
 def summarize(predictions):
@@ -98,67 +129,150 @@ def report_line(name, s):
             f"Unparseable: {s['unparseable']}")
 
 
-def options(config):  # predict_labels' settings among the flags
-    return {k: getattr(config, k) for k in ("prompt_template", "max_new_tokens", "temperature", "top_k", "parse",
-                                            "batch_size")}
-
-
-def evaluate(model, checkpoints, records, config, device, dtype):
-    """The handout's line for each checkpoint (its tensors loaded into model) and method; (rows, predictions)."""
-    rows, sets = [], []
+def evaluate(model, checkpoints, records, config, ctx):
+    """The handout's line for each checkpoint (its trained tensors loaded into model) and method.
+    Returns (rows, predictions): the numbers, with the settings behind them, and every answer."""
+    rows, predictions = [], []
     for name, checkpoint in checkpoints:
-        if checkpoint is not None:  # LoRA unmerged first (train mode), then this checkpoint's A and B
-            runs.load_trained(model, checkpoint)
+        if checkpoint is not None:
+            load_trained(model, checkpoint)
         for method in ("generate", "logprob") if config.method == "both" else (config.method,):
             start = time.time()
-            preds = predict_labels(model, records, method, device=device, dtype=dtype, **options(config))
+            preds = predict_labels(model, records, method, config, ctx)
             seconds, summary = time.time() - start, summarize(preds)
             parse = config.parse if method == "generate" else None
             tag = f" [{method}]" if method == "logprob" else (f" [{parse}]" if parse != "near_start" else "")
             print(f"{report_line(name + tag, summary)}\n  {len(records)} reviews in {seconds:.1f} s "
                   f"({len(records) / seconds:.1f} reviews/s)")
-            rows.append(dict(checkpoint=name, iter_num=checkpoint and checkpoint["iter_num"], method=method, parse=parse,
-                             seconds=round(seconds, 3), **summary,
-                             settings=dict(vars(config), device=runs.device_name(device))))
-            sets.append(dict(checkpoint=name, method=method, parse=parse, records=preds))
-    return rows, sets
+            device = device_name(str(next(model.parameters()).device))
+            rows.append(dict(checkpoint=name, iter_num=checkpoint and checkpoint["iter_num"], method=method,
+                             parse=parse, seconds=round(seconds, 3), **summary, settings=dict(vars(config), device=device)))
+            predictions.append(dict(checkpoint=name, method=method, parse=parse, records=preds))
+    return rows, predictions
 
 
-def classify(model, checkpoints, texts, config, device, dtype):
+def is_the_runs_result(config, trained_with):
+    """Whether an evaluation is the handout's measurement of a run (or raw model): the whole test split,
+    greedy, the default answer length, and a run's own data and prompt."""
+    handout = (config.split, config.num_examples, config.temperature, config.max_new_tokens) == (
+        "test", 0, 0.0, FLAGS["max_new_tokens"][0])
+    own = trained_with is None or (config.dataset, config.prompt_template) == (
+        trained_with["dataset"], trained_with["prompt_template"])
+    return handout and own
+
+
+def write_results(out, run_id, split, complete, rows, predictions):
+    """Write an evaluation into out (an OutDir) and return the file's path. results.json keeps a run's
+    complete greedy test evaluations, one row per checkpoint, method and reading, each replaced only by
+    a newer one of its own and dropped once its checkpoint has changed; every other evaluation goes to
+    last_evaluation.json. Each file holds the rows and, in the same order, the answers behind them."""
+    if run_id is None and any(os.path.exists(out.file(f)) for _, f in CHECKPOINTS.values()):
+        complete = False  # a raw model's evaluation beside a run's checkpoints is not the run's result
+    name = "results.json" if complete else "last_evaluation.json"
+    old = read_results(out.file(name)) if complete else None
+    if old and old["run_id"] == run_id:  # keep the rows this evaluation does not replace
+        new, at = {row_key(r) for r in rows}, {r["checkpoint"]: r["iter_num"] for r in rows}
+        kept = [i for i, r in enumerate(old["results"])
+                if row_key(r) not in new and at.get(r["checkpoint"], r["iter_num"]) == r["iter_num"]]
+        rows = [old["results"][i] for i in kept] + rows
+        predictions = [old["predictions"][i] for i in kept] + predictions
+    evaluation = dict(run_id=run_id, split=split, complete=complete, results=rows, predictions=predictions)
+    out.write(name, lambda f: f.write((json.dumps(evaluation, indent=1) + "\n").encode()))
+    return out.file(name)
+
+
+def row_key(row):
+    return row["checkpoint"], row["method"], row["parse"]
+
+
+def read_results(path):
+    """A results file of ours, or None where it is missing or not one (it is then replaced, never read)."""
+    results = read_json(path)
+    rows = results.get("results") if isinstance(results, dict) else None
+    ok = isinstance(rows, list) and all(isinstance(r, dict) and {"checkpoint", "method", "parse"} <= set(r) for r in rows)
+    ok = ok and isinstance(results.get("predictions"), list) and len(results["predictions"]) == len(rows)
+    return results if ok else None
+
+
+def is_tested(out_dir):
+    """Whether results.json holds the greedy test accuracy of both checkpoints of out_dir as they are now."""
+    results = read_results(os.path.join(out_dir, "results.json")) or dict(results=[], run_id=None)
+    for name, filename in CHECKPOINTS.values():
+        if not os.path.isfile(os.path.join(out_dir, filename)):
+            return False
+        checkpoint = load_checkpoint(os.path.join(out_dir, filename), mmap=True)  # tensors mapped, not read
+        if results["run_id"] != checkpoint["run_id"] or not any(
+                row_key(r) == (name, "generate", "near_start") and r.get("iter_num") == checkpoint["iter_num"]
+                for r in results["results"]):
+            return False
+    return True
+
+
+def read_reviews(text, file):
+    """The reviews given with text= (a list) and file= (one a line; '-' is standard input). A file is
+    split at '\\n' only: U+0085 and the like stay inside a review."""
+    texts = list(text)
+    try:
+        if file == "-":
+            texts += sys.stdin.read().split("\n")
+        elif file:
+            with open(file, encoding="utf-8", newline="") as f:
+                texts += f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"file={file!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    reviews = [t.strip() for t in texts if t.strip()]
+    if (text or file) and not reviews:
+        raise UsageError("text= and file= hold no review to classify")
+    return reviews
+
+
+def classify(model, checkpoints, texts, config, ctx):
     """Print, for each review, the label read off the generated answer, p(positive) and the answer."""
     records = [dict(text=t, label=None) for t in texts]
     for name, checkpoint in checkpoints:
         if checkpoint is not None:
-            runs.load_trained(model, checkpoint)
+            load_trained(model, checkpoint)
         if len(checkpoints) > 1:
             print(name)
-        answers, scores = (predict_labels(model, records, method, device=device, dtype=dtype, **options(config))
-                           for method in ("generate", "logprob"))
+        answers, scores = (predict_labels(model, records, method, config, ctx) for method in ("generate", "logprob"))
         for answer, score in zip(answers, scores):
             label = {1: "positive", 0: "negative", -1: "unparseable"}[answer["prediction"]]
             print(f"{label:<11}  p(positive)={score['p_positive']:.3f}  "
                   f"answer={json.dumps(answer['continuation'])}  {answer['text']}")
 
 
+def load(config, explicit, out):
+    """(model, [(name, checkpoint)], the run's config or None): a run's checkpoints on one model of its
+    base (its data and prompt become config's where not given), or a raw GPT-2 for zero-shot."""
+    if config.init_from != "resume":
+        with loading_weights("init_from", config.init_from):
+            return GPT.from_pretrained(config.init_from), [("Zero-shot " + config.init_from, None)], None
+    ckpt = config.ckpt or ("best" if config.text or config.file else "both")
+    checkpoints = out.checkpoints(("best", "last") if ckpt == "both" else (ckpt,))
+    latest = out.latest()  # where the run's data and base are now
+    for key in {"dataset", "prompt_template"} - explicit:
+        setattr(config, key, latest["config"][key])
+    base = config.base or (latest["base"] and latest["base"]["init_from"])
+    return load_model(checkpoints[0][1], base), checkpoints, latest["config"]
+
+
 def main(argv):
     config, explicit = parse_flags("generate.py", FLAGS, argv, __doc__)
-    with runs.reported_errors("generate.py", config.debug):
+    with reported_errors("generate.py", config.debug, also=(DataError,)):
         device, dtype = device_and_dtype(config.device, config.dtype)
         torch.manual_seed(config.seed)
-        texts = runs.read_reviews(config.text, config.file)  # none unless text= or file= is given
-        with runs.hold(config.out_dir, "generate.py", create=not texts, lock=config.init_from == "resume" or not texts) as run:
-            if config.init_from == "resume":  # one model of the run's base, each checkpoint's tensors in turn
-                model, checkpoints = run.load_checkpoints(config, explicit)  # and the run's dataset and template
-            else:  # zero-shot
-                with runs.loading_weights("init_from", config.init_from):
-                    model, checkpoints = GPT.from_pretrained(config.init_from), [("Zero-shot " + config.init_from, None)]
+        texts = read_reviews(config.text, config.file)  # none unless text= or file= is given
+        with OutDir(config.out_dir, "generate.py", lock=config.init_from == "resume" or not texts) as out:
+            model, checkpoints, trained_with = load(config, explicit, out)
             model.to(device)
             if texts:
-                return classify(model, checkpoints, texts, config, device, dtype)
-            runs.check_source("dataset", config.dataset)
+                return classify(model, checkpoints, texts, config, autocast(device, dtype))
+            check_source("dataset", config.dataset)
             records = sample(load_rotten_tomatoes(config.dataset)[config.split], config.num_examples)
-            rows, sets = evaluate(model, checkpoints, records, config, device, dtype)
-            print(f"wrote {run.write_results(rows, sets, config)} and its predictions")
+            rows, predictions = evaluate(model, checkpoints, records, config, autocast(device, dtype))
+            run_id = checkpoints[0][1]["run_id"] if trained_with else None
+            path = write_results(out, run_id, config.split, is_the_runs_result(config, trained_with), rows, predictions)
+            print(f"wrote {path}")
             return rows
 
 

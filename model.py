@@ -4,14 +4,13 @@ Loads Hugging Face GPT-2 weights (hub names or local directories) and computes t
 The tokens every row of a batch starts with (the instruction) are computed once for the batch.
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import LoRALinear
+from lora import LoRALinear, mark_only_lora_as_trainable
 
 
 @dataclass
@@ -104,6 +103,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    ADAPTABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout")  # what from_pretrained may set
 
     def __init__(self, config):
         super().__init__()
@@ -155,41 +155,38 @@ class GPT(nn.Module):
         mask[..., torch.arange(T), torch.arange(total - T, total)] = True
         return mask
 
-    def _shared_start(self, rows, kv_cache, share_prefix):
-        """Run the tokens every row starts with once, as a batch of one, into kv_cache, which then
-        serves every row (autograd sums the rows' gradients through it; in training the rows share
-        its dropout masks). Returns their count and hidden states (1, count, n_embd)."""
-        shared = 0
-        if share_prefix and len(rows) > 1:  # commonprefix compares the lists element by element
-            shared = min(len(os.path.commonprefix(list(rows))), min(map(len, rows)) - 1)
-        if shared == 0:
-            return 0, None
-        x = self.hidden_states(torch.tensor([rows[0][:shared]], device=self.lm_head.weight.device), kv_cache=kv_cache)
-        kv_cache.expand(len(rows))
-        return shared, x
+    def _shared_start(self, start, kv_cache, batch_size):
+        """Run the tokens every row starts with (start, (1, n)) once, as a batch of one, into kv_cache,
+        which then serves every row: autograd sums the rows' gradients through it, and in training the
+        rows share its dropout masks. Returns its hidden states (1, n, n_embd)."""
+        x = self.hidden_states(start, kv_cache=kv_cache)
+        kv_cache.expand(batch_size)
+        return x
 
-    def forward(self, idx, targets=None, reduction="mean", share_prefix=True):
+    def forward(self, idx, targets=None, reduction="mean", shared=0):
         """idx (B, T) token ids. Without targets: (logits (B, T, vocab), None). With targets (B, T),
         -100 where there is none: (None, cross-entropy over the target positions), the vocabulary
-        projection (the largest matmul) computed only there. With share_prefix, the rows' common
-        start is computed once."""
+        projection (the largest matmul) computed only there. The first `shared` tokens, the same in
+        every row (the loader counts them), are computed once."""
         kv_cache = KVCache(self.config.n_layer)
-        shared, prefix = self._shared_start(idx.tolist(), kv_cache, share_prefix)
+        start = self._shared_start(idx[:1, :shared], kv_cache, len(idx)) if shared else None
         x = self.hidden_states(idx[:, shared:], kv_cache=kv_cache)
         if shared:
-            x = torch.cat([prefix.expand(len(idx), -1, -1), x], dim=1)
+            x = torch.cat([start.expand(len(idx), -1, -1), x], dim=1)
         if targets is None:
             return self.lm_head(x), None
         keep = targets != -100  # dataloader's IGNORE_INDEX, cross_entropy's default
         return None, F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep], reduction=reduction)
 
     @torch.no_grad()
-    def prefill(self, prompts, share_prefix=True):
-        """Run token lists of different lengths as one left-padded batch (their common start once,
-        with share_prefix). Returns the next-token logits (B, vocab) after each, and the key_mask
-        (False at padding) and kv_cache to go on from."""
+    def prefill(self, prompts, shared=0):
+        """Run token lists of different lengths as one left-padded batch, the first `shared` tokens
+        (the same in each) once. Returns the next-token logits (B, vocab) after each prompt, and the
+        key_mask (False at padding) and kv_cache to go on from."""
         kv_cache = KVCache(self.config.n_layer)
-        shared, _ = self._shared_start(prompts, kv_cache, share_prefix)
+        if shared:
+            start = torch.tensor([prompts[0][:shared]], device=self.lm_head.weight.device)
+            self._shared_start(start, kv_cache, len(prompts))
         rows = [p[shared:] for p in prompts]
         T = max(map(len, rows))
         idx = torch.zeros(len(rows), T, dtype=torch.long)
@@ -201,22 +198,22 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden_states(idx, key_mask, kv_cache)[:, -1, :]), key_mask, kv_cache
 
     @torch.no_grad()
-    def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=(), share_prefix=True):
-        """The new tokens after each token list in prompts: greedy (temperature 0) or sampled (from the
-        top_k likeliest), a row ending after a token in stop_tokens (kept)."""
-        logits, key_mask, kv_cache = self.prefill(prompts, share_prefix)
+    def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=(), shared=0):
+        """The new tokens after each token list in prompts (the first `shared` tokens the same in each):
+        greedy (temperature 0) or sampled from the top_k likeliest, a row ending after a stop token."""
+        logits, key_mask, kv_cache = self.prefill(prompts, shared)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=logits.device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
         new_tokens = []
         for _ in range(max_new_tokens):
             if temperature == 0:
                 idx = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
+            else:  # in float32, from the largest logit down: a tiny temperature gives -inf, never nan
+                logits = (logits.float() - logits.float().max(dim=-1, keepdim=True).values) / temperature
                 if top_k is not None:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
-                idx = torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
+                idx = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             new_tokens.append(torch.where(done[:, None], -1, idx))
             done |= torch.isin(idx[:, 0], stop)
             if done.all() or len(new_tokens) == max_new_tokens:
@@ -232,7 +229,7 @@ class GPT(nn.Module):
         from transformers.utils.logging import disable_progress_bar
         disable_progress_bar()  # a bar per load would bury our own output
         override_args = override_args or {}
-        assert set(override_args) <= {"dropout", "lora_rank", "lora_alpha", "lora_dropout"}, override_args
+        assert set(override_args) <= set(cls.ADAPTABLE), override_args
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         c = hf.config
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
@@ -270,6 +267,16 @@ class GPT(nn.Module):
         missing = [k for k in self.load_state_dict(sd, strict=False).missing_keys if "lora_" not in k]
         if missing:
             raise ValueError(f"GPT-2 checkpoint lacks {missing[:3]} ({len(missing)} tensors)")
+
+
+def mark_trainable(model):
+    """What fine-tuning trains: LoRA's A and B where the model has them (lora_rank > 0), else every
+    weight. Returns model."""
+    if model.config.lora_rank > 0:
+        return mark_only_lora_as_trainable(model)
+    for param in model.parameters():
+        param.requires_grad = True
+    return model
 
 
 def count_parameters(model):  # (trainable, total); the tied embedding counts once

@@ -5,22 +5,29 @@
     python train.py resume=auto out_dir=runs/r16_a64       # continue an interrupted run (or start it)
     torchrun --nproc_per_node=2 train.py ...               # data parallel over 2 processes
 
-Writes ckpt.pt (best validation loss), ckpt_last.pt (the latest state, to resume from),
-metrics.jsonl, and the test accuracy of both checkpoints (results.json, predictions.json) to
-out_dir. runs.py, the harness, keeps the run safe: a lock on out_dir, resuming, whole files.
+Writes ckpt.pt (best validation loss), ckpt_last.pt (the latest state, to resume from), metrics.jsonl
+and the test accuracy of both checkpoints (results.json) to out_dir. The harness package keeps the
+run safe: one process per out_dir, exact resumes, whole files.
 """
+import contextlib
+import json
 import math
+import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
-import runs
-from configurator import autocast, device_and_dtype, distributed, parse_flags, process_group
-from dataloader import IGNORE_INDEX, PROMPT_TEMPLATES, CustomDataLoader, by_length, load_rotten_tomatoes
-from lora import mark_only_lora_as_trainable
-from model import GPT, GPTConfig, count_parameters
+import generate
+from dataloader import (IGNORE_INDEX, PROMPT_TEMPLATES, CustomDataLoader, DataError, by_length, check_prompt_room,
+                        fingerprint, get_tokenizer, load_rotten_tomatoes)
+from harness.checkpoints import check_source, load_model, loading_weights
+from harness.device import autocast, device_and_dtype
+from harness.flags import Diverged, UsageError, defaults, parse_flags, reported_errors
+from harness.run import open_run, rng_state
+from model import GPT, GPTConfig, count_parameters, mark_trainable
 
 FLAGS = {  # name: (default, help[, allowed values])
     "out_dir": ("out", "directory for checkpoints, metrics.jsonl and results"),
@@ -61,22 +68,64 @@ FLAGS = {  # name: (default, help[, allowed values])
     "wandb_run_name": ("", "wandb run name; default: out_dir's name"),
     "debug": (False, "show full tracebacks"),
 }
+SIZES = ("n_layer", "n_head", "n_embd", "block_size")  # init_from=scratch's; a pretrained model has its own
+KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")  # the homework's template
+
+
+def check_settings(config, resume, world):
+    """What the flags tell before anything loads: sizes that cannot work, sources that are missing, a
+    LoRA rank past the layers' width, a step that does not divide among the processes."""
+    if config.n_embd % config.n_head:
+        raise UsageError(f"n_embd={config.n_embd}: must be a multiple of n_head={config.n_head}")
+    if not config.dataset.strip():
+        raise UsageError("dataset is empty: name a hub dataset or a local directory")
+    step = config.batch_size * config.gradient_accumulation_steps
+    if step % world:
+        raise UsageError(f"batch_size x gradient_accumulation_steps = {step} reviews a step do not divide among "
+                         f"{world} processes")
+    if resume is not None and step != resume["config"]["batch_size"] * resume["config"]["gradient_accumulation_steps"]:
+        saved = resume["config"]["batch_size"] * resume["config"]["gradient_accumulation_steps"]
+        raise UsageError(f"batch_size x gradient_accumulation_steps = {step} reviews a step, where the run took "
+                         f"{saved}: it would repeat or skip reviews; resume with a product of {saved}")
+    if config.init_from != "scratch" and (resume is None or resume["base"] is not None):
+        with loading_weights("init_from", config.init_from):  # a missing directory or hub is found out now
+            from transformers import GPT2Config
+            width = GPT2Config.from_pretrained(config.init_from).n_embd
+        if config.lora_rank > width:
+            raise UsageError(f"lora_rank={config.lora_rank}: must be at most {width}, the width of "
+                             f"{config.init_from}'s layers")
+    check_source("dataset", config.dataset)
+    get_tokenizer()  # its files are downloaded once: better to fail now than after loading data and model
 
 
 def build_model(config, run):
-    """GPT-2 with LoRA layers (lora_rank > 0) or without, a small random GPT (init_from=scratch), or the resumed run's."""
+    """The resumed run's model, GPT-2 with LoRA layers (lora_rank > 0) or without, or a small random GPT
+    (init_from=scratch), with what trains marked."""
     if run.resume is not None:
-        model = runs.load_model(run.resume, base=config.init_from)
-    elif config.init_from == "scratch":
-        model = GPT(GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
-                              n_embd=config.n_embd, dropout=config.dropout))
+        return load_model(run.resume, run.base and run.base["init_from"])
+    if config.init_from == "scratch":
+        model = GPT(GPTConfig(**{k: getattr(config, k) for k in SIZES}, dropout=config.dropout))
     else:
-        with runs.loading_weights("init_from", config.init_from):
-            model = GPT.from_pretrained(config.init_from, {k: getattr(config, k) for k in (
-                "dropout", "lora_rank", "lora_alpha", "lora_dropout")})
-    if model.config.lora_rank > 0:
-        mark_only_lora_as_trainable(model)
-    return model
+        with loading_weights("init_from", config.init_from):
+            model = GPT.from_pretrained(config.init_from, {k: getattr(config, k) for k in GPT.ADAPTABLE})
+    return mark_trainable(model)
+
+
+def check_sizes(config, model, loader, explicit):
+    """What only the model and the data tell: the sizes are the model's, a step's reviews fit in the
+    train split, and every prompt fits the context beside its answer (and generate.py's, with eval_test)."""
+    for key in SIZES:
+        if key in explicit and getattr(config, key) != getattr(model.config, key):
+            raise UsageError(f"{key}={getattr(config, key)}: {config.init_from} has {key}="
+                             f"{getattr(model.config, key)}; only init_from=scratch takes the sizes given")
+        setattr(config, key, getattr(model.config, key))  # saved and printed as the model is
+    step, reviews = config.batch_size * config.gradient_accumulation_steps, len(loader.examples["train"])
+    if step > reviews:
+        raise UsageError(f"batch_size x gradient_accumulation_steps = {step} reviews a step: more than the "
+                         f"{reviews} of the train split")
+    answer = generate.FLAGS["max_new_tokens"][0] if config.eval_test else 1
+    hint = " (raise block_size)" if config.init_from == "scratch" else ""
+    check_prompt_room(config.prompt_template, model.config.block_size, answer, f"init_from={config.init_from}{hint}")
 
 
 def make_optimizer(model, config, device):
@@ -88,22 +137,44 @@ def make_optimizer(model, config, device):
                              fused=device.startswith("cuda"))
 
 
+def restore(run, optimizer, scaler, device):
+    """(iter_num, best_val_loss) to go on from: a resumed run's, with its AdamW and loss-scaler state (the
+    hyperparameters given now win) and this process's random state; (0, inf) for a new run."""
+    if run.resume is None:
+        return 0, math.inf
+    asked = [{k: group[k] for k in ("lr", "betas", "weight_decay")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(run.resume["optimizer"])
+    for group, hyperparameters in zip(optimizer.param_groups, asked):
+        group.update(hyperparameters)
+    scaler.load_state_dict(run.resume["scaler"])
+    rng = run.resume["rng"][run.rank]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return run.resume["iter_num"], run.resume["best_val_loss"]
+
+
 @torch.no_grad()
-def validation_loss(model, loader, config, device, dtype, progress=True):
+def validation_loss(model, loader, config, ctx, progress=True):
     """Mean loss per target token over the validation split (eval mode: LoRA merged)."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = torch.zeros((), device=device), 0
-    for x, y in runs.progress(loader.batches("validation", config.eval_batch_size, config.eval_iters), "validation", progress):
-        with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=config.share_prefix)
+    batches = loader.batches("validation", config.eval_batch_size, config.eval_iters)
+    for x, y, shared in tqdm(batches, desc="validation", unit="batch", leave=False, disable=not progress,
+                             file=sys.stderr):
+        with ctx:
+            _, loss = model(x.to(device), y.to(device), "sum", shared if config.share_prefix else 0)
         total += loss.float()
         count += int((y != IGNORE_INDEX).sum())
     model.train()
     return total.item() / count
 
 
-def forward_backward(model, loader, scaler, iter_num, config, device, dtype, rank=0, world=1):
+def forward_backward(model, loader, scaler, iter_num, config, ctx):
     """Gradients of step iter_num + 1 over this process's share of its reviews; returns (loss, tokens)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
     step_reviews = config.batch_size * config.gradient_accumulation_steps
     examples = loader.train_examples(iter_num * step_reviews, step_reviews)
     targets = sum(len(ids) - (n_prompt if config.mask_prompt else 1) for ids, n_prompt in examples)
@@ -112,10 +183,10 @@ def forward_backward(model, loader, scaler, iter_num, config, device, dtype, ran
     micro = by_length(examples[rank * share:(rank + 1) * share], config.batch_size, lambda e: len(e[0]))
     step_loss, tokens = torch.zeros((), device=device), 0
     for batch in micro:
-        x, y = loader.collate(batch)
+        x, y, shared = loader.collate(batch)
         tokens += x.numel()
-        with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device), reduction="sum", share_prefix=config.share_prefix)
+        with ctx:
+            _, loss = model(x.to(device), y.to(device), "sum", shared if config.share_prefix else 0)
         loss = loss / targets  # per target token of the whole step
         scaler.scale(loss).backward()
         step_loss += loss.detach()
@@ -136,69 +207,172 @@ def clip_and_step(optimizer, scaler, grad_clip):
     optimizer.zero_grad(set_to_none=True)
 
 
-def train(model, loader, run, device, dtype, rank=0, world=1):
+def train(model, loader, run, device, dtype):
     """nanoGPT's loop: evaluate and save, stop at max_iters, forward and backward, clip and step, log."""
-    config = run.config
+    config, ctx = run.config, autocast(device, dtype)
     optimizer = make_optimizer(model, config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
-    iter_num, best_val_loss = run.restore(optimizer, scaler, device)
-    evaluated = iter_num if run.resume else -1  # a resumed iteration's evaluation, if it has one, came before its save
+    iter_num, best_val_loss = restore(run, optimizer, scaler, device)
+    evaluated = iter_num if run.resume else -1  # a resumed iteration was evaluated before its save
     step_model = torch.compile(model) if config.compile else model
-    if world > 1:  # every process starts from process 0's weights: each drew its own random ones
+    if run.world > 1:  # every process starts from process 0's weights: each drew its own random ones
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p.detach(), src=0)
-    while True:
-        # the validation loss at the start, every eval_interval steps and at the end; the checkpoints
-        if (iter_num % config.eval_interval == 0 or iter_num == config.max_iters) and iter_num != evaluated:
-            t0 = time.time()
-            val_loss = validation_loss(model, loader, config, device, dtype, progress=run.master)
-            if not math.isfinite(val_loss):
-                raise runs.Diverged(f"validation loss is {val_loss} at iteration {iter_num}; checkpoints left as they were")
-            run.log(iter=iter_num, val_loss=val_loss, val_time=round(time.time() - t0, 3))
-            if val_loss < best_val_loss:  # ckpt.pt first: a kill between the writes leaves the older pair
-                best_val_loss = val_loss
-                run.save("ckpt.pt", model, iter_num, best_val_loss)
-            run.save("ckpt_last.pt", model, iter_num, best_val_loss, optimizer, scaler)
-        if iter_num == config.max_iters:
-            break
+    wandb_run = start_wandb(config) if run.master else None
+    with tqdm(total=config.max_iters, initial=iter_num, desc="train", unit="step", disable=not run.master,
+              file=sys.stderr) as bar:
+        while True:
+            # the validation loss at the start, every eval_interval steps and at the end; the checkpoints
+            if (iter_num % config.eval_interval == 0 or iter_num == config.max_iters) and iter_num != evaluated:
+                t0 = time.time()
+                val_loss = validation_loss(model, loader, config, ctx, progress=run.master)
+                if not math.isfinite(val_loss):
+                    raise Diverged(f"validation loss is {val_loss} at iteration {iter_num}; checkpoints left as they were")
+                row = run.log(iter=iter_num, val_loss=val_loss, val_time=round(time.time() - t0, 3))
+                if wandb_run:
+                    wandb_run.log(row, step=iter_num)
+                if run.master:
+                    bar.write(f"iter {iter_num}: validation loss {val_loss:.4f}")
+                    bar.start_t += time.time() - t0  # the bar's rate and ETA count training steps only
+                    bar.last_print_t += time.time() - t0
+                if val_loss < best_val_loss:  # ckpt.pt first: a kill between the writes leaves the older pair
+                    best_val_loss = val_loss
+                    run.save("ckpt.pt", model, iter_num, best_val_loss)
+                run.save("ckpt_last.pt", model, iter_num, best_val_loss, optimizer, scaler)
+            if iter_num == config.max_iters:
+                break
 
-        # one optimizer step over batch_size x gradient_accumulation_steps reviews
-        t0 = time.time()
-        ckpt_due = config.ckpt_interval > 0 and iter_num % config.ckpt_interval == 0 and iter_num % config.eval_interval != 0
-        rng = runs.rng_state(device) if ckpt_due else None  # before this step's dropout draws
-        train_loss, tokens = forward_backward(step_model, loader, scaler, iter_num, config, device, dtype, rank, world)
-        if not math.isfinite(train_loss):
-            raise runs.Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
-        if ckpt_due:  # the state whose loss has just proved finite, before the step changes it
-            run.save("ckpt_last.pt", model, iter_num, best_val_loss, optimizer, scaler, rng)
-        clip_and_step(optimizer, scaler, config.grad_clip)
-        iter_num += 1
-        run.log(iter=iter_num, train_loss=train_loss, lr=config.learning_rate, tokens=tokens,
-                step_time=round(time.time() - t0, 4))
-    run.finish(iter_num, best_val_loss)
+            # one optimizer step over batch_size x gradient_accumulation_steps reviews
+            t0 = time.time()
+            ckpt_due = config.ckpt_interval > 0 and iter_num % config.ckpt_interval == 0 and iter_num % config.eval_interval
+            rng = rng_state(device) if ckpt_due else None  # before this step's dropout draws
+            train_loss, tokens = forward_backward(step_model, loader, scaler, iter_num, config, ctx)
+            if not math.isfinite(train_loss):
+                raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
+            if ckpt_due:  # the state whose loss has just proved finite, before the step changes it
+                run.save("ckpt_last.pt", model, iter_num, best_val_loss, optimizer, scaler, rng)
+            clip_and_step(optimizer, scaler, config.grad_clip)
+            iter_num += 1
+            step_time = time.time() - t0
+            row = run.log(iter=iter_num, train_loss=train_loss, lr=config.learning_rate, tokens=tokens,
+                          step_time=round(step_time, 4))
+            if wandb_run:
+                wandb_run.log(row, step=iter_num)
+            bar.set_postfix(train_loss=f"{train_loss:.4f}", tok_s=f"{tokens / step_time:,.0f}", refresh=False)
+            bar.update()
+    if wandb_run:
+        wandb_run.finish()
+    if run.master:
+        print(f"done: iteration {iter_num} of {config.max_iters}, best validation loss {best_val_loss:.4f}\n"
+              f"checkpoints: {run.file('ckpt.pt')} (best), {run.file('ckpt_last.pt')} (last); metrics.jsonl beside them")
+
+
+def wandb_key():
+    """WANDB_API_KEY, else the key in wandb_api.json (the template's empty key is none)."""
+    try:
+        with open(KEY_FILE, encoding="utf-8") as f:
+            return os.environ.get("WANDB_API_KEY") or json.load(f).get("wandb_api_key") or ""
+    except (OSError, ValueError, AttributeError) as e:
+        if not isinstance(e, FileNotFoundError):
+            print("warning: wandb_api.json is unreadable; ignoring it", file=sys.stderr)
+        return os.environ.get("WANDB_API_KEY", "")
+
+
+def start_wandb(config):
+    """A wandb run (its files in wandb's own directory) where a key is configured or wandb_log is on,
+    else None; a failure only warns."""
+    if not (wandb_key() or config.wandb_log):
+        print(f"no wandb key: logging locally to {os.path.join(config.out_dir, 'metrics.jsonl')}")
+        return None
+    try:
+        import wandb
+        if wandb_key():
+            os.environ["WANDB_API_KEY"] = wandb_key()  # read by wandb itself; never printed or saved by us
+        return wandb.init(project=config.wandb_project, config=vars(config),
+                          name=config.wandb_run_name or os.path.basename(os.path.abspath(config.out_dir)))
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        print(f"warning: wandb is unavailable ({type(e).__name__}: {reason}); logging locally only", file=sys.stderr)
+        return None
+
+
+def test_accuracy(model, loader, run, ctx):
+    """The handout's accuracy lines for both checkpoints on the test split, as generate.py prints them
+    by default, saved as the run's results."""
+    checkpoints = run.checkpoints(("best", "last"))
+    config = defaults(generate.FLAGS, prompt_template=run.config.prompt_template, dataset=run.config.dataset,
+                      batch_size=run.config.eval_batch_size)
+    rows, predictions = generate.evaluate(model, checkpoints, loader.records["test"], config, ctx)
+    print(f"results: {generate.write_results(run, run.run_id, 'test', True, rows, predictions)}")
+
+
+def distributed(device):
+    """(rank, world size, device): torchrun's, where its WORLD_SIZE says there are several processes,
+    else (0, 1, device). They join a process group only to train (process_group)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return 0, 1, device
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    except (KeyError, ValueError):
+        raise UsageError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}, RANK={os.environ.get('RANK')!r} and "
+                         f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}: expected whole numbers, as torchrun sets "
+                         "them") from None
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+@contextlib.contextmanager
+def process_group(device, world):
+    """torchrun's processes joined while they train, parted once all are done. Joined only after the
+    model is loaded: a group up when transformers' model code is first imported outlives
+    destroy_process_group, and its threads can abort the interpreter's exit."""
+    if world == 1:
+        yield
+        return
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield
+        dist.barrier()  # every process is past its last collective before any leaves the group
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv):
     config, explicit = parse_flags("train.py", FLAGS, argv, __doc__)
-    with runs.reported_errors("train.py", config.debug):
+    with reported_errors("train.py", config.debug, also=(DataError,)):
         device, dtype = device_and_dtype(config.device, config.dtype)
         rank, world, device = distributed(device)
-        with runs.open_run(config, explicit, "train.py", rank, world) as run:
+        with open_run(config, explicit, rank, world) as run:  # lock out_dir; resume its run or start afresh
             config = run.config
+            config.wandb_log = config.wandb_log or bool(wandb_key())  # saved as it is in effect
+            check_settings(config, run.resume, world)
             torch.manual_seed(config.seed + rank)
             records = load_rotten_tomatoes(config.dataset)  # bad data stops the run before the model loads
+            run.data = fingerprint(records)
+            if run.resume and run.resume.get("data") not in (None, run.data):
+                raise UsageError(f"dataset={config.dataset!r} holds other reviews than the run trained on; resume it "
+                                 f"on its own data, or start a new run in another out_dir")
             model = build_model(config, run).to(device)
             loader = CustomDataLoader(records, model.config.block_size, config.prompt_template, config.mask_prompt,
                                       config.seed)
-            run.check_sizes(model, loader, world)  # a step fits in the train split, a test prompt in the context
+            check_sizes(config, model, loader, explicit)
             trainable, total = count_parameters(model)
-            run.print(f"{config.init_from} on {device} ({dtype}); trainable parameters: {trainable:,} of {total:,} "
+            if run.master:  # one process of a torchrun speaks
+                print("".join(f"{k} = {v!r}\n" for k, v in vars(config).items()) +
+                      f"{config.init_from} on {device} ({dtype}); trainable parameters: {trainable:,} of {total:,} "
                       f"({100 * trainable / total:.2f}%); {loader.truncated} reviews truncated to fit")
+            if run.master and run.resume and run.resume["iter_num"] == config.max_iters:
+                print(f"{run.path} holds this run finished at iteration {config.max_iters}: nothing to train")
+            elif run.master and run.resume:
+                print(f"resuming {run.path} at iteration {run.resume['iter_num']} of {config.max_iters}")
             with process_group(device, world):
-                train(model, loader, run, device, dtype, rank, world)
-            if config.eval_test and run.master and not run.tested():
-                run.test_accuracy(model, loader.records["test"], device, dtype)
+                train(model, loader, run, device, dtype)
+            if config.eval_test and run.master and not generate.is_tested(run.path):
+                test_accuracy(model, loader, run, autocast(device, dtype))
 
 
 if __name__ == "__main__":

@@ -51,9 +51,8 @@ def reachable(host):
 def fetch_test_data():
     """The splits and the tokenizer files the tests need: from ROTTEN_TOMATOES_DIR and TIKTOKEN_CACHE_DIR
     where set; else downloaded once through the project's own loaders into CACHE. None, or what is missing."""
-    import checkpoints
-    import runs
-    from dataloader import SPLITS, get_tokenizer, load_rotten_tomatoes
+    from dataloader import SPLITS, DataError, get_tokenizer, load_rotten_tomatoes
+    from harness.checkpoints import hub_reachable
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(CACHE / "tiktoken"))
     cached = [Path(os.environ["TIKTOKEN_CACHE_DIR"]) / hashlib.sha1(f"{BPE_URL}{name}".encode()).hexdigest()
               for name in ("vocab.bpe", "encoder.json")]
@@ -61,14 +60,14 @@ def fetch_test_data():
         return f"no GPT-2 tokenizer files in TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} and no internet"
     try:
         get_tokenizer()
-    except runs.DataError as e:
+    except DataError as e:
         return str(e)
     if "ROTTEN_TOMATOES_DIR" in os.environ and not Path(os.environ["ROTTEN_TOMATOES_DIR"]).is_dir():
         return f"ROTTEN_TOMATOES_DIR={os.environ['ROTTEN_TOMATOES_DIR']} is not a directory"
     if "ROTTEN_TOMATOES_DIR" not in os.environ:
         os.environ["ROTTEN_TOMATOES_DIR"] = str(CACHE / "rotten_tomatoes")
         if not (CACHE / "rotten_tomatoes").is_dir():
-            if not checkpoints.hub_reachable():
+            if not hub_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
                 return "ROTTEN_TOMATOES_DIR is not set and the Hugging Face hub cannot be reached"
             splits = load_rotten_tomatoes("rotten_tomatoes")
             CACHE.mkdir(parents=True, exist_ok=True)
@@ -115,34 +114,35 @@ def greedy_one_at_a_time(model, prompt, max_new_tokens):
 
 def checkpoint_of(model, base=None):
     """A checkpoint dict of model's trained tensors, as train.py writes ckpt.pt."""
-    import checkpoints
-    return checkpoints.checkpoint_of(model, base, run_id="test", iter_num=0, best_val_loss=0.0, config={})
+    from harness.checkpoints import checkpoint_of as of
+    return of(model, base, run_id="test", iter_num=0, best_val_loss=0.0, config={})
 
 
 def last_wins(*flags, names=None):
     """key=value flags with the last value of each flag kept (train.py refuses a flag given twice)."""
-    import configurator
+    from harness.flags import UsageError, canonical
 
     def name(flag):
         key = str(flag).partition("=")[0]
         try:
-            return configurator.canonical(key, names) if names else key
-        except configurator.UsageError:  # an unknown flag passes through, to be refused
+            return canonical(key, names) if names else key
+        except UsageError:  # an unknown flag passes through, to be refused
             return key
     return list({name(f): str(f) for f in flags}.values())
 
 
 def run_train(*flags):
-    """train.py in this process, tiny and quick unless flags say otherwise."""
+    """train.py in this process, tiny and quick unless flags say otherwise (a resumed run keeps its own step)."""
     import train
-    train.main(last_wins("device=cpu", "eval_test=false", "batch_size=8", "gradient_accumulation_steps=2",
-                         "eval_interval=2", "eval_batch_size=32", *flags, names=train.FLAGS))
+    step = [] if "init_from=resume" in flags else ["batch_size=8", "gradient_accumulation_steps=2"]
+    train.main(last_wins("device=cpu", "eval_test=false", *step, "eval_interval=2", "eval_batch_size=32", *flags,
+                         names=train.FLAGS))
 
 
 # a killed run, and the uninterrupted run it must equal once resumed
 KILLER = r"""
 import os, signal, sys
-import checkpoints, train
+import harness.checkpoints as checkpoints, train
 target, nth = sys.argv[1], int(sys.argv[2])
 calls = [0]
 def wrap(original):
@@ -177,7 +177,7 @@ def tiny_run_flags(hf_dir, data_dir, out_dir):
 
 
 def losses(out_dir):
-    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()[1:]]  # after the run's id
     return [{k: r[k] for k in ("iter", "train_loss", "val_loss") if k in r} for r in rows]
 
 

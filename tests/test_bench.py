@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-import bench
+from tools import bench
 
 
 def test_smoke_run_writes_every_measurement(data_dir, tmp_path):

@@ -74,7 +74,10 @@ def test_default_prompt_shape():
 def test_loss_mask_covers_only_the_answer(tiny_dir):
     loader = CustomDataLoader(str(tiny_dir), block_size=128)
     examples = loader.examples["train"][:3]
-    x, y = loader.collate(examples)
+    x, y, shared = loader.collate(examples)
+    # the start every row shares, computed once by the model: the instruction (and here the reviews' first words)
+    assert get_tokenizer().decode(x[0, :shared].tolist()) == (
+        "Instruction: Classify the sentiment of the movie review as positive or negative.\nText: review number")
     for row, (ids, n_prompt) in enumerate(examples):
         n = len(ids) - 1
         assert x[row, :n].tolist() == ids[:-1]
@@ -83,7 +86,7 @@ def test_loss_mask_covers_only_the_answer(tiny_dir):
         assert counted == [n_prompt - 1, n_prompt]
         assert y[row, counted].tolist() == [POSITIVE if loader.records["train"][row]["label"] else NEGATIVE, EOT]
     unmasked = CustomDataLoader(str(tiny_dir), block_size=128, mask_prompt=False)
-    _, y_all = unmasked.collate(examples)
+    _, y_all, _ = unmasked.collate(examples)
     for row, (ids, _) in enumerate(examples):
         assert y_all[row, :len(ids) - 1].tolist() == ids[1:]
         assert torch.all(y_all[row, len(ids) - 1:] == IGNORE_INDEX)
@@ -168,7 +171,7 @@ def test_missing_split_non_utf8_and_missing_directory(tmp_path):
 def test_batches_cover_the_split_once(data_dir):
     loader = CustomDataLoader(str(data_dir), block_size=1024)
     seen, padding = [], 0
-    for x, y in loader.batches("validation", 64):
+    for x, y, _ in loader.batches("validation", 64):
         for row in range(x.size(0)):
             n = int((y[row] != IGNORE_INDEX).nonzero().max()) + 2  # prompt + answer length
             seen.append(x[row, :n - 1].tolist())
@@ -176,8 +179,9 @@ def test_batches_cover_the_split_once(data_dir):
     assert sorted(seen) == sorted(ids[:-1] for ids, _ in loader.examples["validation"])
     assert padding < 0.05 * sum(len(s) for s in seen)  # grouped by length: little padding
     # eval_iters batches: a random sample of the split, the same every time, both labels in it
-    some = [x for x, _ in loader.batches("validation", 8, max_batches=3)]
-    assert len(some) == 3 and all(torch.equal(a, b) for a, b in zip(some, (x for x, _ in loader.batches("validation", 8, 3))))
+    some = [x for x, _, _ in loader.batches("validation", 8, max_batches=3)]
+    again = [x for x, _, _ in loader.batches("validation", 8, 3)]
+    assert len(some) == 3 and all(torch.equal(a, b) for a, b in zip(some, again))
     rows = [ids for x in some for ids in x.tolist()]
     answers = [next(t for t in reversed(row) if t != EOT) for row in rows]
     assert {POSITIVE, NEGATIVE} <= set(answers)  # the split's first 24 rows are all positive

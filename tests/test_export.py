@@ -1,4 +1,5 @@
 """export.py: a run's adapter for PEFT, or its merged model for transformers, with our logits."""
+import contextlib
 import json
 import os
 import shutil
@@ -7,12 +8,13 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-import export
+from harness.flags import defaults
+from tools import export
 import generate
-from runs import base_fingerprint, load_checkpoint, load_model
+from harness.checkpoints import base_fingerprint, load_checkpoint, load_model
 from conftest import last_wins, run_train, save_random_hf_gpt2
 from dataloader import encode_prompt, get_tokenizer, load_rotten_tomatoes
-from model import GPT
+from model import GPT, mark_trainable
 
 IDX = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
 
@@ -79,7 +81,7 @@ def test_merged_model_loads_in_transformers_with_our_logits_and_answers(run, req
         torch.testing.assert_close(hf(IDX).logits, ours, rtol=0, atol=1e-5)
 
     records = load_rotten_tomatoes(str(small_data_dir))["test"][:12]
-    predicted = generate.predict_labels(model, records, max_new_tokens=5)
+    predicted = generate.predict_labels(model, records, "generate", defaults(generate.FLAGS), contextlib.nullcontext())
     prompts = [encode_prompt(r["text"]) for r in records]
     enc = get_tokenizer()
     expected = [enc.decode([t for t in tokens if t != 50256]) for tokens in greedy_continuations(hf, prompts, 5)]
@@ -87,8 +89,8 @@ def test_merged_model_loads_in_transformers_with_our_logits_and_answers(run, req
     # the directory is a valid init_from: generate.py on it answers as on the checkpoint
     generate.main([f"init_from={dest}", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'zero'}", "device=cpu"])
     generate.main([f"out_dir={out}", "ckpt=last", "device=cpu"])
-    from_dir = json.loads((tmp_path / "zero" / "predictions.json").read_text())[0]["records"]
-    from_run = json.loads((out / "predictions.json").read_text())[0]["records"]
+    from_dir = json.loads((tmp_path / "zero" / "results.json").read_text())["predictions"][0]["records"]
+    from_run = json.loads((out / "results.json").read_text())["predictions"][0]["records"]
     assert [r["continuation"] for r in from_dir] == [r["continuation"] for r in from_run]
 
 
@@ -130,7 +132,7 @@ def test_an_adapter_is_refused_on_another_base(lora_run, hf_gpt2_dir, small_data
     other = tmp_path / "other"
     save_random_hf_gpt2(other, seed=1)  # same shape, other weights
     fingerprint = load_checkpoint(lora_run / "ckpt.pt")["base"]["fingerprint"]
-    other_fingerprint = base_fingerprint(GPT.from_pretrained(str(other)))
+    other_fingerprint = base_fingerprint(mark_trainable(GPT.from_pretrained(str(other), dict(lora_rank=8, lora_alpha=32.0))))
     message = (f"the adapter was trained on {hf_gpt2_dir} (weights {fingerprint}), not on {other} "
                f"(weights {other_fingerprint}); give the base it was trained on")
     capsys.readouterr()
@@ -139,7 +141,7 @@ def test_an_adapter_is_refused_on_another_base(lora_run, hf_gpt2_dir, small_data
         with pytest.raises(SystemExit) as e:
             main([f"out_dir={lora_run}", f"base={other}", *flags])
         assert e.value.code == 2
-        assert capsys.readouterr().err == f"{main.__module__}.py: error: {message}\n"
+        assert capsys.readouterr().err == f"{main.__module__.split('.')[-1]}.py: error: {message}\n"
     assert not (tmp_path / "merged").exists()
     # the same weights in another place are the same base
     moved = tmp_path / "moved"
@@ -151,7 +153,7 @@ def test_an_adapter_is_refused_on_another_base(lora_run, hf_gpt2_dir, small_data
 @pytest.mark.parametrize("key", ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight",
                                  "transformer.h.1.attn.c_proj.weight", "transformer.wte.weight"])
 def test_a_base_with_one_row_changed_is_another_base(lora_run, hf_gpt2_dir, tmp_path, key):
-    from runs import CheckpointError
+    from harness.checkpoints import CheckpointError
     edited = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir)
     with torch.no_grad():
         edited.state_dict()[key][5] += 1.0

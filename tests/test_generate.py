@@ -8,10 +8,17 @@ import pytest
 import torch
 
 import generate
-from runs import load_checkpoint, load_model
+from harness.checkpoints import load_checkpoint, load_model
 from conftest import greedy_one_at_a_time, run_train
-from dataloader import encode_prompt, get_tokenizer, load_rotten_tomatoes
+from dataloader import common_start, encode_prompt, get_tokenizer, load_rotten_tomatoes
 from generate import parse_label, predict_labels, summarize
+from harness.flags import defaults
+
+CPU = contextlib.nullcontext()  # float32 on the CPU: no autocast
+
+
+def settings(**changes):
+    return defaults(generate.FLAGS, **changes)
 from model import GPT, GPTConfig, KVCache
 
 
@@ -47,14 +54,15 @@ def test_batched_greedy_equals_one_at_a_time(lora_model, shared, monkeypatch):
     expanded = []
     monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
     stop = (50256, 198)
-    batched = lora_model.generate_batch(prompts, 8, temperature=0.0, stop_tokens=stop)
+    assert common_start(prompts) == (18 if shared else 0)  # one prompt is the start alone: one token of it is its own
+    batched = lora_model.generate_batch(prompts, 8, temperature=0.0, stop_tokens=stop, shared=common_start(prompts))
     assert expanded == ([len(prompts)] if shared else [])  # a common start is computed once
     for prompt, got in zip(prompts, batched):
         full = greedy_one_at_a_time(lora_model, prompt, 8)
         cut = next((i + 1 for i, t in enumerate(full) if t in stop), len(full))
         assert got == full[:cut]
     assert len({len(p) for p in prompts}) > 20
-    logits = lora_model.prefill(prompts)[0]
+    logits = lora_model.prefill(prompts, common_start(prompts))[0]
     for prompt, row in zip(prompts, logits):
         with torch.no_grad():
             torch.testing.assert_close(row, lora_model(torch.tensor([prompt]))[0][0, -1], rtol=0, atol=1e-5)
@@ -62,7 +70,7 @@ def test_batched_greedy_equals_one_at_a_time(lora_model, shared, monkeypatch):
 
 def test_logprob_is_the_argmax_of_the_two_label_logits(lora_model, small_data_dir):
     records = load_rotten_tomatoes(str(small_data_dir))["test"]
-    preds = predict_labels(lora_model, records, method="logprob", batch_size=16)
+    preds = predict_labels(lora_model, records, "logprob", settings(batch_size=16), CPU)
     prompts = [encode_prompt(r["text"]) for r in records]
     for prompt, pred in zip(prompts, preds):
         with torch.no_grad():
@@ -74,7 +82,7 @@ def test_logprob_is_the_argmax_of_the_two_label_logits(lora_model, small_data_di
 
 def test_generate_method_parses_the_generated_text(lora_model, small_data_dir):
     records = load_rotten_tomatoes(str(small_data_dir))["test"][:20]
-    preds = predict_labels(lora_model, records, method="generate", max_new_tokens=3, batch_size=7)
+    preds = predict_labels(lora_model, records, "generate", settings(max_new_tokens=3, batch_size=7), CPU)
     enc = get_tokenizer()
     prompts = [encode_prompt(r["text"]) for r in records]
     for prompt, record, pred in zip(prompts, records, preds):
@@ -108,7 +116,7 @@ def test_train_reports_both_checkpoints_through_generate(trained_run):
     trained_run, printed = trained_run
     lines = [l for l in printed.splitlines() if " || Accuracy: " in l]
     assert [l.split(" || ")[0] for l in lines] == ["Best Val Checkpoint", "Last Iter Checkpoint"]
-    assert printed.endswith(f"results: {trained_run / 'results.json'} and its predictions\n")
+    assert printed.endswith(f"results: {trained_run / 'results.json'}\n")
     results = json.loads((trained_run / "results.json").read_text())
     for row in results["results"]:
         assert generate.report_line(row["checkpoint"], row) in lines
@@ -126,7 +134,7 @@ def test_generate_evaluates_both_checkpoints(trained_run, capsys):
         assert line == generate.report_line(name, row)
         assert f"{name} [logprob] || Accuracy: " in out
     results = json.loads((trained_run / "results.json").read_text())
-    predictions = json.loads((trained_run / "predictions.json").read_text())
+    predictions = results["predictions"]
     assert results["split"] == "test" and results["complete"] is True
     assert results["run_id"] == load_checkpoint(trained_run / "ckpt.pt")["run_id"]
     assert all(r["settings"]["prompt_template"] == "default" for r in results["results"])
@@ -148,7 +156,7 @@ def test_zero_shot_on_a_local_directory(hf_gpt2_dir, small_data_dir, tmp_path, c
     out = capsys.readouterr().out
     assert "  64 reviews in " in out  # num_examples past the split's size: all of it
     assert f"Zero-shot {hf_gpt2_dir} || Accuracy: " in out
-    assert sorted(os.listdir(tmp_path)) == [".lock", "last_evaluation.json", "last_predictions.json"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "last_evaluation.json"]
     results = json.loads((tmp_path / "last_evaluation.json").read_text())  # not a test result
     assert results["split"] == "validation" and results["results"][0]["total"] == 64 and results["complete"] is False
 
@@ -177,10 +185,10 @@ def test_checkpoint_template_is_the_default_and_sampling_is_seeded(hf_gpt2_dir, 
     sampled = []
     for _ in range(2):
         generate.main([f"out_dir={out}", "ckpt=last", "device=cpu", "temperature=1.5", "top_k=50", "seed=7"])
-        sampled.append([r["continuation"] for r in json.loads((out / "last_predictions.json").read_text())[0]["records"]])
+        sampled.append([r["continuation"] for r in json.loads((out / "last_evaluation.json").read_text())["predictions"][0]["records"]])
     assert sampled[0] == sampled[1]
     generate.main([f"out_dir={out}", "ckpt=last", "device=cpu"])
-    greedy = [r["continuation"] for r in json.loads((out / "predictions.json").read_text())[0]["records"]]
+    greedy = [r["continuation"] for r in json.loads((out / "results.json").read_text())["predictions"][0]["records"]]
     assert greedy != sampled[0]
 
 
@@ -201,7 +209,7 @@ def test_classify_your_own_reviews(trained_run, tmp_path, monkeypatch, capsys):
         with torch.no_grad():
             logits = model(torch.tensor([prompt]))[0][0, -1]
         p_positive = torch.sigmoid(logits[3967] - logits[4633]).item()
-        answer = predict_labels(model, [dict(text=review, label=None)])[0]["continuation"]
+        answer = predict_labels(model, [dict(text=review, label=None)], "generate", settings(), CPU)[0]["continuation"]
         label = {1: "positive", 0: "negative", -1: "unparseable"}[parse_label(answer)]
         assert line == (f"{label:<11}  p(positive)={p_positive:.3f}  "
                         f"answer={json.dumps(answer)}  {review}")
@@ -228,7 +236,7 @@ class Scripted:
     def eval(self):
         return self
 
-    def generate_batch(self, prompts, max_new_tokens, temperature, top_k, stop_tokens, share_prefix):
+    def generate_batch(self, prompts, max_new_tokens, temperature, top_k, stop_tokens, shared):
         self.asked.append((max_new_tokens, stop_tokens))
         answer = self.answer[:max_new_tokens]
         cut = next((i + 1 for i, t in enumerate(answer) if t in stop_tokens), len(answer))
@@ -246,7 +254,7 @@ def test_answers_are_read_up_to_max_new_tokens_or_the_end_of_text(answer, contin
     records = [dict(text="a film", label=1), dict(text="another film , longer", label=0)]
     model = Scripted(answer)
     for rule, expected in (("near_start", near_start), ("first_word", first_word)):
-        predicted = predict_labels(model, records, max_new_tokens=5, parse=rule)
+        predicted = predict_labels(model, records, "generate", settings(max_new_tokens=5, parse=rule), CPU)
         assert [(p["continuation"], p["prediction"]) for p in predicted] == [(continuation, expected)] * 2
     assert model.asked[0] == (5, (50256,))
 
@@ -256,7 +264,7 @@ def test_num_examples_is_the_same_random_sample_of_both_labels(hf_gpt2_dir, data
     for _ in range(2):
         generate.main([f"init_from={hf_gpt2_dir}", f"dataset={data_dir}", f"out_dir={tmp_path}", "num_examples=40",
                        "device=cpu", "method=logprob"])
-        picked.append([r["text"] for r in json.loads((tmp_path / "last_predictions.json").read_text())[0]["records"]])
+        picked.append([r["text"] for r in json.loads((tmp_path / "last_evaluation.json").read_text())["predictions"][0]["records"]])
     test = load_rotten_tomatoes(str(data_dir))["test"]
     assert picked[0] == picked[1] and len(set(picked[0])) == 40
     labels = {r["text"]: r["label"] for r in test}

@@ -6,11 +6,12 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from configurator import autocast
+from harness.device import autocast
 from conftest import ROOT, checkpoint_of, greedy_one_at_a_time, save_random_hf_gpt2
 from lora import LoRALinear, mark_only_lora_as_trainable
-from runs import base_fingerprint, load_model
+from harness.checkpoints import base_fingerprint, load_model
 from model import GPT, GPTConfig, KVCache, count_parameters
+from dataloader import common_start
 
 
 def lora_layers(model):
@@ -91,11 +92,13 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
     expanded = []
     monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
     model.eval()
+    shared = common_start(rows)
+    assert shared == 19
     with torch.no_grad():
-        logits, _ = model(idx)
-        none, loss = model(idx, targets, reduction="sum")
-        reference, _ = model(idx, share_prefix=False)
-        _, unshared_loss = model(idx, targets, reduction="sum", share_prefix=False)
+        logits, _ = model(idx, shared=shared)
+        none, loss = model(idx, targets, reduction="sum", shared=shared)
+        reference, _ = model(idx)
+        _, unshared_loss = model(idx, targets, reduction="sum")
     assert expanded == [4, 4]  # computed once per batch, with and without targets
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
     keep = targets != -100
@@ -103,8 +106,8 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep], reduction="sum"))
     torch.testing.assert_close(unshared_loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep],
                                                                                  reduction="sum"), rtol=0, atol=0)
-    model(idx, share_prefix=False)
-    assert expanded == [4, 4]  # share_prefix=False computes every row whole
+    model(idx)
+    assert expanded == [4, 4]  # shared=0 computes every row whole
 
 
 ROWS = {"a shared start": (19, (5, 30, 12, 2)), "nothing shared": (0, (20, 25, 9, 30)),
@@ -131,13 +134,13 @@ def training_model_and_batch(hf_gpt2_dir, rows, rank):
     for i, row in enumerate(tokens):
         idx[i, :len(row)] = torch.tensor(row)
         targets[i, len(row) - 3:len(row) - 1] = idx[i, len(row) - 2:len(row)]
-    return model.train(), idx, targets
+    return model.train(), idx, targets, common_start(tokens)
 
 
-def loss_and_gradients(model, idx, targets, share, dtype="float32"):
+def loss_and_gradients(model, idx, targets, shared, dtype="float32"):
     model.zero_grad(set_to_none=True)
     with autocast("cpu", dtype):
-        _, loss = model(idx, targets, reduction="sum", share_prefix=share)
+        _, loss = model(idx, targets, reduction="sum", shared=shared)
     loss.backward()
     return loss.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
@@ -145,10 +148,11 @@ def loss_and_gradients(model, idx, targets, share, dtype="float32"):
 @pytest.mark.parametrize("rows", list(ROWS))
 @pytest.mark.parametrize("rank", [8, 0])
 def test_training_computes_the_common_start_once_with_the_same_loss_and_gradients(hf_gpt2_dir, rows, rank, monkeypatch):
-    model, idx, targets = training_model_and_batch(hf_gpt2_dir, rows, rank)
+    model, idx, targets, shared = training_model_and_batch(hf_gpt2_dir, rows, rank)
+    assert shared == ROWS[rows][0]
     expanded = []
     monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
-    results = {share: loss_and_gradients(model, idx, targets, share) for share in (True, False)}
+    results = {share: loss_and_gradients(model, idx, targets, shared if share else 0) for share in (True, False)}
     assert expanded == ([4] if ROWS[rows][0] else [])  # the common start was computed once, as a batch of one
     (shared_loss, shared_grads), (loss, grads) = results[True], results[False]
     torch.testing.assert_close(shared_loss, loss, rtol=0, atol=1e-5)
@@ -160,12 +164,11 @@ def test_training_computes_the_common_start_once_with_the_same_loss_and_gradient
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_under_autocast_the_shared_start_is_as_accurate_as_every_row_whole(hf_gpt2_dir, dtype, monkeypatch):
-    model, idx, targets = training_model_and_batch(hf_gpt2_dir, "a shared start", rank=8)
-    exact_loss, exact = loss_and_gradients(model, idx, targets, share=False)
+    model, idx, targets, start = training_model_and_batch(hf_gpt2_dir, "a shared start", rank=8)
+    exact_loss, exact = loss_and_gradients(model, idx, targets, 0)
     expanded = []
     monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
-    (shared_loss, shared), (whole_loss, whole) = (loss_and_gradients(model, idx, targets, share, dtype)
-                                                  for share in (True, False))
+    (shared_loss, shared), (whole_loss, whole) = (loss_and_gradients(model, idx, targets, n, dtype) for n in (start, 0))
     assert expanded == [4]
     assert abs(shared_loss - exact_loss) <= 2 * abs(whole_loss - exact_loss) + 1e-3 * exact_loss
     for name, grad in exact.items():  # rounding of the lower precision, and nothing more
@@ -245,10 +248,11 @@ def test_sampling_is_seeded_and_top_k_limits_choices():
 
 
 def test_unknown_name_and_empty_directory_are_clear_errors(tmp_path, monkeypatch):
-    import runs
+    from harness.checkpoints import loading_weights
+    from harness.flags import UsageError
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in (str(tmp_path), "no-such-model-xyz"):
-        with pytest.raises(runs.UsageError) as e, runs.loading_weights("init_from", name):
+        with pytest.raises(UsageError) as e, loading_weights("init_from", name):
             GPT.from_pretrained(name)
         assert str(e.value).startswith(f"init_from={name!r}: cannot load GPT-2 weights from {name!r}: expected gpt2, "
                                        "gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a local Hugging Face GPT-2 "

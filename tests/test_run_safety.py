@@ -11,11 +11,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import export
+from tools import export
 import generate
-import runs
+import harness.run as harness_run
+from harness.checkpoints import load_model
+from harness.flags import Diverged
+from generate import is_tested
 import train
-from runs import UMASK, Run, atomic_write, load_checkpoint
+from harness.checkpoints import UMASK, atomic_write, load_checkpoint
+from harness.run import OutDir
 from conftest import KILLER, ROOT, files, last_wins, losses, run_train, save_random_hf_gpt2, tiny_run_flags
 
 
@@ -100,8 +104,11 @@ def test_two_runs_started_together_on_a_new_out_dir_never_mix(straight_run, hf_g
     assert codes == [0, 2], results
     (winner, _, _), = [r for r in results if r[1] == 0]
     (_, _, refused), = [r for r in results if r[1] == 2]
-    assert refused.endswith(f"train.py: error: out_dir={str(out)!r} is in use by train.py (process {winner}); wait for "
-                            "it to end or choose another out_dir\n") and refused.count("error") == 1
+    # refused when it first writes: while the winner holds out_dir, or once the winner has written its run there
+    assert refused.endswith((f"train.py: error: out_dir={str(out)!r} is in use by train.py (process {winner}); wait "
+                             "for it to end or choose another out_dir\n", f"train.py: error: out_dir={str(out)!r} was "
+                             "taken by another process as this one started; nothing was written: choose another "
+                             "out_dir\n")) and refused.count("error") == 1
     assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl"]
     assert losses(out) == losses(straight_run)  # one run's log, whole
     expected, got = load_checkpoint(straight_run / "ckpt_last.pt"), load_checkpoint(out / "ckpt_last.pt")
@@ -112,7 +119,7 @@ def test_lock_is_released_by_a_failed_run(finished_run, capsys):
     out, _ = finished_run
     with pytest.raises(SystemExit):
         run_train("init_from=resume", f"out_dir={out}", "rank=4")  # refused after taking the lock
-    with Run(str(out), "test"):  # free again
+    with OutDir(str(out), "test"):  # free again
         pass
 
 
@@ -163,7 +170,8 @@ def test_overwrite_replaces_the_old_run_at_its_first_write(hf_gpt2_dir, small_da
     new_ids = {load_checkpoint(out / name)["run_id"] for name in ("ckpt.pt", "ckpt_last.pt")}
     assert len(new_ids) == 1 and old_id not in new_ids
     assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 0  # killed in its second evaluation
-    assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    header, *rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert header == {"run_id": new_ids.pop()} and [r["iter"] for r in rows] == [0, 1, 2]  # the new run's log alone
 
 
 def test_files_of_two_runs_are_refused_together(finished_run, hf_gpt2_dir, small_data_dir, tmp_path, capsys):
@@ -192,15 +200,15 @@ def evaluated_run(hf_gpt2_dir, small_data_dir, tmp_path):
 @pytest.mark.parametrize("flags", [["num_examples=5"], ["split=validation"], ["temperature=1.0"]])
 def test_a_partial_evaluation_never_replaces_the_test_result(evaluated_run, flags):
     out = evaluated_run
-    before = {name: (out / name).read_bytes() for name in ("results.json", "predictions.json")}
+    before = (out / "results.json").read_bytes()
     generate.main([f"out_dir={out}", "device=cpu", *flags])
-    assert {name: (out / name).read_bytes() for name in before} == before
+    assert (out / "results.json").read_bytes() == before
     last = json.loads((out / "last_evaluation.json").read_text())
     assert last["complete"] is False and len(last["results"]) == 2
 
 
 def test_one_checkpoint_or_method_replaces_only_its_own_rows(evaluated_run):
-    import report
+    from tools import report
     out = evaluated_run
     last_row = json.loads((out / "results.json").read_text())["results"][1]
     generate.main([f"out_dir={out}", "device=cpu", "ckpt=best", "method=logprob"])
@@ -208,7 +216,7 @@ def test_one_checkpoint_or_method_replaces_only_its_own_rows(evaluated_run):
     assert [(r["checkpoint"], r["method"]) for r in rows] == [
         ("Best Val Checkpoint", "generate"), ("Last Iter Checkpoint", "generate"), ("Best Val Checkpoint", "logprob")]
     assert rows[1] == last_row
-    predictions = json.loads((out / "predictions.json").read_text())
+    predictions = json.loads((out / "results.json").read_text())["predictions"]
     assert [(p["checkpoint"], p["method"]) for p in predictions] == [(r["checkpoint"], r["method"]) for r in rows]
     assert report.is_finished(str(out), report.run_state(str(out)))
 
@@ -228,10 +236,12 @@ def test_temporary_files_are_new_and_unpredictable(tmp_path, monkeypatch):
     assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o666 & ~UMASK  # not mkstemp's owner-only mode
 
 
-def test_a_key_in_wandb_api_json_cannot_be_committed():
-    ignored = subprocess.run(["git", "check-ignore", "-q", "wandb_api.json"], cwd=ROOT)
-    tracked = subprocess.run(["git", "ls-files", "wandb_api.json"], cwd=ROOT, capture_output=True, text=True)
-    assert ignored.returncode == 0 and tracked.stdout == ""
+def test_the_tracked_wandb_api_json_is_the_template_with_no_key(monkeypatch):
+    committed = subprocess.run(["git", "show", ":wandb_api.json"], cwd=ROOT, capture_output=True, text=True)
+    assert committed.returncode == 0 and json.loads(committed.stdout) == {"wandb_api_key": ""}
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    if json.loads((ROOT / "wandb_api.json").read_text()) == {"wandb_api_key": ""}:  # not one with a pasted key
+        assert train.wandb_key() == ""  # the empty key is no key: nothing is logged to wandb
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -253,16 +263,16 @@ def test_more_bad_flags_stop_before_loading_anything(flags, message, tmp_path, c
 
 def test_a_context_too_small_for_the_prompt_stops_before_training(small_data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "forward_backward", lambda *a, **k: pytest.fail("trained"))
-    fails_with(capsys, 2, "train.py: error: the 'default' prompt needs 23 tokens and 5 more are generated, more than "
-               "the model's 24-token context", run_train, "init_from=scratch", "block_size=24", f"dataset={small_data_dir}",
+    fails_with(capsys, 2, "train.py: error: the 'default' prompt needs 23 tokens and its answer 5 more: more than the "
+               "24-token context of init_from=scratch (raise block_size)", run_train, "init_from=scratch", "block_size=24", f"dataset={small_data_dir}",
                f"out_dir={tmp_path / 'o'}", "eval_test=true")
     assert not (tmp_path / "o").exists()
 
 
 def test_max_new_tokens_beyond_the_context_is_one_clear_line(finished_run, capsys):
     out, _ = finished_run
-    fails_with(capsys, 2, "generate.py: error: the 'default' prompt needs 23 tokens and 100000 more are generated, "
-               "more than the model's 256-token context", generate.main,
+    fails_with(capsys, 2, "generate.py: error: the 'default' prompt needs 23 tokens and its answer 100000 more: more "
+               "than the 256-token context of the model", generate.main,
                [f"out_dir={out}", "ckpt=best", "device=cpu", "max_new_tokens=100000"])
 
 
@@ -332,24 +342,24 @@ def test_metrics_lines_that_are_not_rows_do_not_stop_a_resume(finished_run, hf_g
     lines[3:3] = ['{"note": "no iter here"}', "not json at all", "[1, 2]"]
     (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    header, *rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert header == {"run_id": load_checkpoint(out / "ckpt.pt")["run_id"]}
     assert all(isinstance(r.get("iter"), int) for r in rows)
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4, 6]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_weights_that_are_not_finite_are_never_saved(finished_run, tmp_path, bad):
-    import runs
     out, _ = finished_run
-    model = runs.load_model(load_checkpoint(out / "ckpt_last.pt"))
-    run = runs.TrainingRun(str(tmp_path / "new"), "test")
+    model = load_model(load_checkpoint(out / "ckpt_last.pt"))
+    run = harness_run.TrainingRun(str(tmp_path / "new"), "test")
     run.config, run.resume, run.run_id = SimpleNamespace(**load_checkpoint(out / "ckpt.pt")["config"]), None, "test"
     run.config.out_dir = str(tmp_path / "new")
     run.save("ckpt.pt", model, 4, 1.0)
     saved = (tmp_path / "new" / "ckpt.pt").read_bytes()
     with torch.no_grad():
         model.transformer.h[1].attn.v_attn.lora_B[3, 2] = bad
-    with pytest.raises(runs.Diverged, match="^the weights are not finite at iteration 5; checkpoints left as they were$"):
+    with pytest.raises(Diverged, match="^the weights are not finite at iteration 5; checkpoints left as they were$"):
         run.save("ckpt.pt", model, 5, 1.0)
     assert (tmp_path / "new" / "ckpt.pt").read_bytes() == saved
     run.close()
@@ -370,7 +380,7 @@ def test_a_finished_run_is_left_alone_and_never_resumed_backwards(evaluated_run,
 
 
 def test_extending_a_run_keeps_no_result_of_its_earlier_checkpoints(evaluated_run, hf_gpt2_dir, small_data_dir):
-    import report
+    from tools import report
     out = evaluated_run
     generate.main([f"out_dir={out}", "device=cpu", "method=logprob"])
     assert report.is_finished(str(out), load_checkpoint(out / "ckpt_last.pt"))
@@ -379,7 +389,7 @@ def test_extending_a_run_keeps_no_result_of_its_earlier_checkpoints(evaluated_ru
     at = {"Best Val Checkpoint": load_checkpoint(out / "ckpt.pt")["iter_num"], "Last Iter Checkpoint": 6}
     assert {(r["checkpoint"], r["method"]) for r in results} >= {(name, "generate") for name in at}
     assert all(r["iter_num"] == at[r["checkpoint"]] for r in results), results  # none describes iteration 4's state
-    predictions = json.loads((out / "predictions.json").read_text())
+    predictions = json.loads((out / "results.json").read_text())["predictions"]
     assert [(p["checkpoint"], p["method"]) for p in predictions] == [(r["checkpoint"], r["method"]) for r in results]
     last = load_checkpoint(out / "ckpt_last.pt")
     assert report.is_finished(str(out), last)
@@ -390,7 +400,7 @@ def test_extending_a_run_keeps_no_result_of_its_earlier_checkpoints(evaluated_ru
 @pytest.mark.parametrize("flags, message", [
     (["rank=1000000000000"], "lora_rank=1000000000000: must be at most 64, the width of {base}'s layers"),
     (["batch_size=100000000000", "gradient_accumulation_steps=1"], "batch_size x gradient_accumulation_steps = "
-     "100000000000 reviews a step: more than the 300 of the train split, or not divisible by 1 processes"),
+     "100000000000 reviews a step: more than the 300 of the train split"),
     (["dataset= "], "dataset is empty: name a hub dataset or a local directory"),
 ])
 def test_sizes_that_cannot_fit_are_one_line_before_anything_is_allocated(hf_gpt2_dir, small_data_dir, tmp_path, capsys,
@@ -401,46 +411,46 @@ def test_sizes_that_cannot_fit_are_one_line_before_anything_is_allocated(hf_gpt2
     assert not out.exists()
 
 
-def test_overwrite_leaves_no_wandb_files_of_the_old_run(finished_run, hf_gpt2_dir, small_data_dir, capsys, monkeypatch):
+def test_a_configured_wandb_key_is_printed_and_saved_as_in_effect(finished_run, hf_gpt2_dir, small_data_dir,
+                                                                    capsys, monkeypatch):
     out, _ = finished_run
-    (out / "wandb" / "offline-run-old").mkdir(parents=True)
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    monkeypatch.setattr(runs, "start_wandb", lambda config: None)  # the key is in effect; no wandb run is made here
+    monkeypatch.setattr(train, "start_wandb", lambda config: None)  # the key is in effect; no wandb run is made here
     run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "overwrite=true", "max_iters=2")
-    assert "wandb_log = True" in capsys.readouterr().out.splitlines()  # printed as in effect
-    assert not (out / "wandb").exists()
+    assert "wandb_log = True" in capsys.readouterr().out.splitlines()
+    assert load_checkpoint(out / "ckpt.pt")["config"]["wandb_log"] is True
 
 
-def test_results_and_predictions_always_describe_the_same_evaluation(evaluated_run, capsys, monkeypatch):
+def test_results_are_written_whole_with_their_answers(evaluated_run, capsys, monkeypatch):
     out = evaluated_run
-    pair = {name: (out / name).read_bytes() for name in ("results.json", "predictions.json")}
+    before = (out / "results.json").read_bytes()
     (out / "results.json").unlink()
-    (out / "results.json").mkdir()  # it cannot be replaced: one line, and the predictions stay as they were
+    (out / "results.json").mkdir()  # it cannot be replaced: one line, and nothing else is written
     with pytest.raises(SystemExit) as e:
         generate.main([f"out_dir={out}", "device=cpu", "ckpt=last", "method=logprob"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.endswith(f"\rgenerate.py: error: could not write {out}/results.json (Is a directory); "
-                                              "the previous file, if any, is intact\n") and "Traceback" not in err
-    assert (out / "predictions.json").read_bytes() == pair["predictions.json"] and not list(out.glob("*.next"))
+    assert e.value.code == 2 and err.endswith(f"\rgenerate.py: error: could not write {out}/results.json (Is a "
+                                              "directory); the previous file, if any, is intact\n") and "Traceback" not in err
+    assert not (out / "last_evaluation.json").exists() and not list(out.glob(".*.tmp"))
     (out / "results.json").rmdir()
-    (out / "results.json").write_bytes(pair["results.json"])
+    (out / "results.json").write_bytes(before)
     real_replace = os.replace
 
-    def killed_before_the_predictions(src, dst):
-        if str(dst).endswith("predictions.json"):
-            raise KeyboardInterrupt  # as a kill between the two renames
-        real_replace(src, dst)
-    monkeypatch.setattr(os, "replace", killed_before_the_predictions)
+    def killed_at_the_rename(src, dst):
+        raise KeyboardInterrupt  # as a kill just before the new file replaces the old
+    monkeypatch.setattr(os, "replace", killed_at_the_rename)
     with pytest.raises(KeyboardInterrupt):
         generate.main([f"out_dir={out}", "device=cpu", "ckpt=last", "method=logprob"])
     monkeypatch.setattr(os, "replace", real_replace)
-    assert (out / "predictions.json").read_bytes() == pair["predictions.json"]  # not yet: the next process finishes it
-    with runs.hold(str(out), "test"):
-        pass
-    results, predictions = (json.loads((out / name).read_text()) for name in ("results.json", "predictions.json"))
-    assert [(r["checkpoint"], r["method"]) for r in results["results"]] == [(p["checkpoint"], p["method"]) for p in predictions]
-    assert ("Last Iter Checkpoint", "logprob") in [(p["checkpoint"], p["method"]) for p in predictions]
-    assert not list(out.glob("*.next"))
+    assert (out / "results.json").read_bytes() == before
+    generate.main([f"out_dir={out}", "device=cpu", "ckpt=last", "method=logprob"])
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["checkpoint"], r["method"]) for r in results["results"]] == [
+        (p["checkpoint"], p["method"]) for p in results["predictions"]]
+    assert ("Last Iter Checkpoint", "logprob") in [(p["checkpoint"], p["method"]) for p in results["predictions"]]
+    for row, answers in zip(results["results"], results["predictions"]):  # every number is its answers'
+        assert generate.summarize(answers["records"]) == {k: row[k] for k in generate.summarize(answers["records"])}
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_a_run_killed_at_iteration_0_and_evaluated_restarts(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
@@ -467,13 +477,13 @@ def test_damaged_results_and_metrics_are_replaced_not_read(evaluated_run, hf_gpt
     out = evaluated_run
     damage(out)
     run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6", "eval_test=true")
-    assert runs.is_tested(str(out)) and losses(out)[-1]["iter"] == 6
+    assert is_tested(str(out)) and losses(out)[-1]["iter"] == 6
     generate.main([f"out_dir={out}", "device=cpu", "ckpt=best"])
 
 
 def test_evaluations_that_are_not_the_runs_own_never_replace_its_results(evaluated_run, tmp_path):
     out = evaluated_run
-    before = {name: (out / name).read_bytes() for name in ("results.json", "predictions.json")}
+    before = {"results.json": (out / "results.json").read_bytes()}
     other = tmp_path / "other_data"
     other.mkdir()
     for split in ("train", "validation", "test"):
@@ -533,7 +543,7 @@ def test_a_lock_file_that_is_not_a_plain_file_is_refused_and_nothing_outside_is_
 def test_torchrun_variables_alone_do_not_make_a_worker(finished_run, hf_gpt2_dir, small_data_dir, capsys, monkeypatch):
     out, _ = finished_run
     monkeypatch.setenv("RANK", "1")  # without WORLD_SIZE > 1 this is a process of its own: it takes the lock
-    with runs.hold(str(out), "test"):
+    with OutDir(str(out), "test"):
         fails_with(capsys, 2, f"train.py: error: out_dir={str(out)!r} is in use by test (process {os.getpid()}); wait "
                    "for it to end or choose another out_dir", run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out))
     monkeypatch.setenv("WORLD_SIZE", "two")
@@ -558,17 +568,28 @@ def test_an_out_dir_that_is_a_dangling_link_is_one_line(hf_gpt2_dir, small_data_
     assert not (tmp_path / "gone").exists()
 
 
-def test_a_finished_run_evaluated_on_other_data_keeps_its_results(evaluated_run, hf_gpt2_dir, tmp_path):
-    out = evaluated_run
-    (out / "results.json").unlink()  # to be measured again, at the end of the run
-    other = tmp_path / "other_data"
+def test_a_run_resumes_only_on_its_own_data_and_every_tool_follows_it_when_moved(hf_gpt2_dir, small_data_dir,
+                                                                                  tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(small_data_dir, data)
+    run_train(*tiny_run_flags(hf_gpt2_dir, data, out)[:-1], "max_iters=2")
+    other = tmp_path / "other_data"  # other reviews
     other.mkdir()
     for split in ("train", "validation", "test"):
         (other / f"{split}.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": "bad", "label": 0}\n' * 10)
-    run_train("init_from=resume", f"out_dir={out}", f"dataset={other}", "eval_test=true")
-    assert not (out / "results.json").exists() and not runs.is_tested(str(out))
-    assert json.loads((out / "last_evaluation.json").read_text())["results"][0]["total"] == 20
-
+    before = files(out)
+    fails_with(capsys, 2, f"train.py: error: dataset={str(other)!r} holds other reviews than the run trained on; "
+               "resume it on its own data, or start a new run in another out_dir", run_train, "init_from=resume",
+               f"out_dir={out}", f"dataset={other}", "max_iters=4")
+    assert files(out) == before
+    moved = tmp_path / "moved"
+    os.rename(data, moved)  # the same reviews in another place: the run goes on, and names the new place
+    run_train("init_from=resume", f"out_dir={out}", f"dataset={moved}", "max_iters=4", "eval_test=true")
+    assert load_checkpoint(out / "ckpt_last.pt")["config"]["dataset"] == str(moved)
+    generate.main([f"out_dir={out}", "ckpt=best", "device=cpu", "method=logprob"])  # no dataset= needed
+    results = json.loads((out / "results.json").read_text())
+    assert {r["settings"]["dataset"] for r in results["results"]} == {str(moved)} and len(results["results"]) == 3
+    assert is_tested(str(out))
 
 def test_an_extension_killed_between_its_writes_continues_only_to_its_end(finished_run, hf_gpt2_dir, small_data_dir,
                                                                           capsys):
@@ -584,19 +605,20 @@ def test_an_extension_killed_between_its_writes_continues_only_to_its_end(finish
     assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 8
 
 
-def test_predictions_that_are_not_the_ones_results_name_are_not_a_result(evaluated_run):
+def test_results_whose_answers_do_not_match_their_rows_are_not_a_result(evaluated_run):
     out = evaluated_run
-    (out / "predictions.json").write_text('[{"garbage": 1}]')
-    assert not runs.is_tested(str(out))
+    results = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(dict(results, predictions=results["predictions"][:1])))
+    assert not is_tested(str(out))
     generate.main([f"out_dir={out}", "device=cpu", "ckpt=last", "method=logprob"])
-    results = json.loads((out / "results.json").read_text())["results"]  # the old rows went with their predictions
-    assert [(r["checkpoint"], r["method"]) for r in results] == [("Last Iter Checkpoint", "logprob")]
-    assert len(json.loads((out / "predictions.json").read_text())) == 1
+    results = json.loads((out / "results.json").read_text())  # the damaged rows are gone, not kept
+    assert [(r["checkpoint"], r["method"]) for r in results["results"]] == [("Last Iter Checkpoint", "logprob")]
+    assert len(results["predictions"]) == 1
 
 
 def test_classifying_with_a_raw_gpt2_needs_no_out_dir(hf_gpt2_dir, tmp_path, capsys):
     out = tmp_path / "held"
     out.mkdir()
-    with runs.hold(str(out), "train.py"):
+    with OutDir(str(out), "train.py"):
         generate.main([f"init_from={hf_gpt2_dir}", f"out_dir={out}", "device=cpu", "text=a fine film"])
     assert capsys.readouterr().out.rstrip().endswith("a fine film")

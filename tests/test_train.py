@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from conftest import ROOT, losses, run_train
-from runs import base_fingerprint, load_checkpoint, load_model
-from model import GPT
+from harness.checkpoints import base_fingerprint, load_checkpoint, load_model
+from model import GPT, mark_trainable
 
-EVALUATION_KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
+EVALUATION_KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config", "data"}
 RESUME_KEYS = EVALUATION_KEYS | {"optimizer", "scaler", "rng"}
 LORA_NAMES = {f"transformer.h.{i}.attn.{p}_attn.lora_{m}" for i in range(2) for p in "qkv" for m in "AB"}
 
 
 def metrics(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()[1:]]  # after the run's id
 
 
 def tensor_bytes(state):
@@ -38,7 +38,7 @@ def test_lora_run_stores_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path
     assert (config["lora_rank"], config["lora_alpha"], config["out_dir"]) == ("8", "32.0", repr(str(out)))
     assert f"checkpoints: {out / 'ckpt.pt'} (best), {out / 'ckpt_last.pt'} (last)" in printed
     assert "validation:" in captured.err  # validation shows its progress
-    base = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=32.0))
+    base = mark_trainable(GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=32.0)))
     for name, keys, copies in (("ckpt.pt", EVALUATION_KEYS, 1), ("ckpt_last.pt", RESUME_KEYS, 3)):
         ckpt = load_checkpoint(out / name)
         assert set(ckpt) == keys  # the best for evaluation; the last also to resume from (AdamW, random state)
@@ -195,7 +195,7 @@ def torchrun(port, out, *flags, hf_gpt2_dir, small_data_dir):
 def test_torchrun_two_processes_on_cpu(hf_gpt2_dir, small_data_dir, tmp_path):
     out = tmp_path / "ddp"
     result = torchrun(29517, out, "max_iters=2", "lora_dropout=0", hf_gpt2_dir=hf_gpt2_dir, small_data_dir=small_data_dir)
-    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "predictions.json", "results.json"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "results.json"]
     # only rank 0 speaks and writes; it evaluates the test split alone, after the processes have parted
     assert result.stdout.count("no wandb key") == 1 and result.stdout.count("Last Iter Checkpoint ||") == 1
     rows = json.loads((out / "results.json").read_text())["results"]
@@ -227,14 +227,14 @@ def test_torchrun_resumes_every_process_exactly_and_only_with_as_many(hf_gpt2_di
 def test_wandb_offline_never_shows_the_key(hf_gpt2_dir, small_data_dir, tmp_path):
     key = "0123456789abcdef0123456789abcdef01234567"
     out = tmp_path / "wb"
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_API_KEY=key, WANDB_SILENT="false")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_API_KEY=key, WANDB_SILENT="false", WANDB_DIR=str(tmp_path))
     cmd = [sys.executable, "train.py", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}",
            "max_iters=2", "rank=8", "batch_size=8", "gradient_accumulation_steps=1", "eval_test=false", "device=cpu"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-8000:]
-    assert (out / "wandb").is_dir() and list((out / "wandb").glob("offline-run-*"))
+    assert list((tmp_path / "wandb").glob("offline-run-*")) and not (out / "wandb").exists()  # wandb's own files
     assert key not in result.stdout and key not in result.stderr
-    for path in out.iterdir():
+    for path in [*out.iterdir(), *(tmp_path / "wandb").rglob("*")]:
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
     for name in ("ckpt.pt", "ckpt_last.pt"):

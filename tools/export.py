@@ -1,7 +1,7 @@
 """Export a run's checkpoint to the Hugging Face ecosystem.
 
-    python export.py out_dir=runs/r16_a64 format=peft dest=adapters/r16_a64   # a PEFT LoRA adapter
-    python export.py out_dir=runs/r16_a64 format=hf dest=models/r16_a64       # a merged GPT-2
+    python -m tools.export out_dir=runs/r16_a64 format=peft dest=adapters/r16_a64   # a PEFT LoRA adapter
+    python -m tools.export out_dir=runs/r16_a64 format=hf dest=models/r16_a64       # a merged GPT-2
 
 format=peft writes adapter_config.json and adapter_model.safetensors, which PEFT applies to the base
 model: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), dest). GPT-2 computes q, k
@@ -14,12 +14,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 import torch
 
-import runs
-from configurator import UsageError, parse_flags
+from harness.checkpoints import UMASK, load_model
+from harness.flags import UsageError, parse_flags, reported_errors
+from harness.run import OutDir, check_out_dir
 
 FLAGS = {
     "out_dir": ("out", "the run to export"),
@@ -89,20 +89,20 @@ def check_dest(dest):
         raise UsageError(f"dest={dest!r} is a symbolic link; name a new directory")
     if os.path.isdir(dest) and os.listdir(dest):
         raise UsageError(f"dest={dest!r} exists and is not empty; choose a new directory")
-    runs.check_out_dir(dest, "dest")
+    check_out_dir(dest, "dest")
 
 
 def export(config):
     check_dest(config.dest)
-    with runs.hold(config.out_dir, "export.py") as run:  # no run changes the files while they are read
-        (_, checkpoint), = run.checkpoints((config.ckpt,))
-        path = run.path("ckpt.pt" if config.ckpt == "best" else "ckpt_last.pt")
+    with OutDir(config.out_dir, "export.py") as out:  # no run changes the files while they are read
+        (_, checkpoint), = out.checkpoints((config.ckpt,))
+        path = out.file("ckpt.pt" if config.ckpt == "best" else "ckpt_last.pt")
         if config.format == "peft" and checkpoint["base"] is None:
             raise UsageError(f"{path} is not a LoRA run (it trained every weight); export it with format=hf")
         if config.format == "peft":
             write_directory(config.dest, lambda tmp: write_peft(checkpoint, tmp))
         else:
-            model = runs.load_model(checkpoint, config.base or None)
+            model = load_model(checkpoint, config.base or None)
             write_directory(config.dest, lambda tmp: write_hf(model, tmp))
     kind = "PEFT LoRA adapter" if config.format == "peft" else "Hugging Face GPT2LMHeadModel"
     print(f"wrote {config.dest} ({kind}) from {path} (iteration {checkpoint['iter_num']})")
@@ -111,14 +111,16 @@ def export(config):
 def write_directory(dest, write):
     """Fill a temporary directory beside dest, then rename it into place: a failure leaves no
     half-written export."""
-    parent = os.path.dirname(os.path.abspath(dest))
+    parent, name = os.path.split(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(dest))}.", suffix=".tmp")
+    tmp = os.path.join(parent, f".{name}.export.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an export killed while writing left
+    os.mkdir(tmp, 0o700)
     try:
         write(tmp)
         for name in os.listdir(tmp):  # the usual permissions, not the temporary's owner-only ones
-            os.chmod(os.path.join(tmp, name), 0o666 & ~runs.UMASK)
-        os.chmod(tmp, 0o777 & ~runs.UMASK)
+            os.chmod(os.path.join(tmp, name), 0o666 & ~UMASK)
+        os.chmod(tmp, 0o777 & ~UMASK)
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,7 +129,7 @@ def write_directory(dest, write):
 
 def main(argv):
     config, _ = parse_flags("export.py", FLAGS, argv, __doc__)
-    with runs.reported_errors("export.py", config.debug):
+    with reported_errors("export.py", config.debug):
         export(config)
 
 

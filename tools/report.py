@@ -1,9 +1,9 @@
 """Reproduce the homework's experiments and write its tables and plots.
 
-    python report.py                                   # the whole grid on gpt2-medium (GPU advised)
-    python report.py runs=r16_a64,full max_iters=20    # a subset, shorter
-    python report.py init_from=gpt2 device=cpu max_iters=2 extra="batch_size=8 gradient_accumulation_steps=2"
-    python report.py submission                        # submission.zip: the code to upload, and the notebook
+    python -m tools.report                                # the whole grid on gpt2-medium (GPU advised)
+    python -m tools.report runs=r16_a64,full max_iters=20 # a subset, shorter
+    python -m tools.report init_from=gpt2 device=cpu max_iters=2 extra="batch_size=8 gradient_accumulation_steps=2"
+    python -m tools.report submission [PATH]              # submission.zip: the code to upload, and the notebook
 
 Each run is `python train.py <its flags> out_dir=<results_dir>/<run> resume=auto ...`: a finished
 run (its results.json holds both checkpoints' test accuracy) is skipped and an interrupted one
@@ -25,11 +25,12 @@ import zipfile
 
 import torch
 
-import runs
 import train
-from configurator import UsageError, canonical, fail, parse_flags
-from lora import mark_only_lora_as_trainable
-from model import GPT, GPTConfig, count_parameters
+from harness.checkpoints import CheckpointError, atomic_write, load_checkpoint
+from harness.flags import UsageError, canonical, fail, parse_flags
+from generate import is_tested, read_results
+from harness.run import read_metrics
+from model import GPT, GPTConfig, count_parameters, mark_trainable
 
 RUNS = {  # name: (label in the tables and plots, train.py flags beside its defaults)
     "r16_a64": ("LoRA r=16, alpha=64", "lora_rank=16 lora_alpha=64"),
@@ -68,20 +69,20 @@ def run_state(out_dir):
     from the file, not read."""
     for name in ("ckpt_last.pt", "ckpt.pt"):
         if os.path.isfile(os.path.join(out_dir, name)):
-            return runs.load_checkpoint(os.path.join(out_dir, name), mmap=True)
+            return load_checkpoint(os.path.join(out_dir, name), mmap=True)
     return None
 
 
 def is_finished(out_dir, state):
     """The run has reached its max_iters, and results.json holds both its checkpoints' test accuracy."""
-    return state["iter_num"] == state["config"]["max_iters"] and runs.is_tested(out_dir)
+    return state["iter_num"] == state["config"]["max_iters"] and is_tested(out_dir)
 
 
 def first_difference(saved, train_argv):
     """(flag, saved value, value asked for now) of the first result-changing difference, or None."""
-    asked, _ = parse_flags("report.py", train.FLAGS, train_argv)
-    asked = vars(asked)
-    return next(((k, saved.get(k), asked[k]) for k in train.FLAGS if k not in NOT_COMPARED and saved.get(k) != asked[k]),
+    asked = vars(parse_flags("report.py", train.FLAGS, train_argv)[0])
+    ignored = NOT_COMPARED | (set(train.SIZES) if asked["init_from"] != "scratch" else set())  # the model's own
+    return next(((k, saved.get(k), asked[k]) for k in train.FLAGS if k not in ignored and saved.get(k) != asked[k]),
                 None)
 
 
@@ -100,13 +101,13 @@ def run_command(cmd):
 
 def zero_shot_row(config):
     """The zero-shot test accuracy of init_from on dataset, if it has been measured."""
-    results = runs.read_results(os.path.join(config.results_dir, "zero_shot", "results.json"))
+    results = read_results(os.path.join(config.results_dir, "zero_shot", "results.json"))
     rows = results["results"] if results else []
     return next((r for r in rows if r["checkpoint"] == f"Zero-shot {config.init_from}" and r["method"] == "generate"
                  and r["parse"] == "near_start" and r["settings"]["dataset"] == config.dataset), None)
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's top level
 
 
 def train_argv(config, run):
@@ -155,14 +156,12 @@ def run_grid(config, names):
 def run_summary(out_dir, checkpoint):
     """The numbers of one finished run for the tables."""
     with torch.device("meta"):  # counts parameters without building weights
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
-    if model.config.lora_rank > 0:
-        mark_only_lora_as_trainable(model)
+        model = mark_trainable(GPT(GPTConfig(**checkpoint["model_args"])))
     trainable, total = count_parameters(model)
-    results = runs.read_results(os.path.join(out_dir, "results.json"))
+    results = read_results(os.path.join(out_dir, "results.json"))
     by_name = {r["checkpoint"]: r for r in results["results"] if (r["method"], r["parse"]) == ("generate", "near_start")}
     # rows past the run's iteration are an abandoned extension's
-    metrics = [r for r in runs.read_metrics(os.path.join(out_dir, "metrics.jsonl")) if r["iter"] <= checkpoint["iter_num"]]
+    metrics = [r for r in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if r["iter"] <= checkpoint["iter_num"]]
     return dict(rank=model.config.lora_rank, alpha=model.config.lora_alpha, best=by_name["Best Val Checkpoint"],
                 last=by_name["Last Iter Checkpoint"], trainable=trainable, total=total,
                 seconds=metrics[-1]["elapsed"] if metrics else None, device=by_name["Best Val Checkpoint"]["settings"]["device"],
@@ -196,7 +195,7 @@ def write_markdown(config, summaries):
     for title, names in TABLES:
         lines += [f"## {title}", "", *table(names, summaries), ""]
     path = os.path.join(config.results_dir, "results.md")
-    runs.atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
+    atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     return path
 
 
@@ -207,7 +206,7 @@ def write_plots(results_dir, summaries):
 
     series = {}
     for run in summaries:
-        rows = runs.read_metrics(os.path.join(results_dir, run, "metrics.jsonl"))
+        rows = read_metrics(os.path.join(results_dir, run, "metrics.jsonl"))
         series[run] = [[r["iter"], r["val_loss"]] for r in rows if "val_loss" in r and r["iter"] <= summaries[run]["iters"]]
     for filename, (title, names) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
@@ -219,19 +218,19 @@ def write_plots(results_dir, summaries):
         if ax.lines:
             ax.legend()
         fig.tight_layout()
-        runs.atomic_write(os.path.join(results_dir, filename), lambda f: fig.savefig(f, format="png"))
+        atomic_write(os.path.join(results_dir, filename), lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
     data = {filename: {LABELS[r]: series[r] for r in names if r in series} for filename, (_, names) in PLOTS.items()}
-    runs.atomic_write(os.path.join(results_dir, "val_loss.json"), lambda f: f.write(json.dumps(data, indent=1).encode()))
+    atomic_write(os.path.join(results_dir, "val_loss.json"), lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 
 GRADED = ("lora.py", "model.py", "dataloader.py", "train.py", "generate.py")
 
 
 def submission_files():
-    """The graded files, every file of ours they and report.py import, the notebook and requirements;
-    never a key, a checkpoint or a dataset."""
-    needed, todo = set(), [*GRADED, "report.py"]
+    """The graded files, every file of ours they and report.py import (the harness), the notebook and
+    requirements; never a key, a checkpoint or a dataset."""
+    needed, todo = set(), [*GRADED, "tools/report.py"]
     while todo:
         name = todo.pop()
         if name in needed:
@@ -241,7 +240,8 @@ def submission_files():
             tree = ast.parse(f.read())
         modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         modules += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-        todo += [f"{m}.py" for m in modules if os.path.isfile(os.path.join(HERE, f"{m}.py"))]
+        for path in [m.replace(".", "/") + ".py" for m in modules] + [os.path.dirname(name) + "/__init__.py"]:
+            todo += [path.lstrip("/")] if os.path.isfile(os.path.join(HERE, path.lstrip("/"))) else []
     return sorted(needed) + ["requirements.txt", "run_in_colab.ipynb"]
 
 
@@ -252,14 +252,14 @@ def write_submission(path="submission.zip"):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
             for name in files:
                 z.write(os.path.join(HERE, name), name)
-    runs.atomic_write(path, write)
+    atomic_write(path, write)
     print(f"wrote {path}: {' '.join(files)}\nthe graded files are {' '.join(GRADED)}; the other .py files are "
           "what they import, so upload them too wherever the scripts are run")
 
 
 def main(argv):
-    if argv == ["submission"]:
-        return write_submission()
+    if argv[:1] == ["submission"] and len(argv) <= 2:
+        return write_submission(*argv[1:])
     config, _ = parse_flags("report.py", FLAGS, argv, __doc__)
     names = list(RUNS) if config.runs == "all" else [r.strip() for r in config.runs.split(",") if r.strip()]
     unknown = [r for r in names if r not in RUNS]
@@ -273,7 +273,7 @@ def main(argv):
             state = run_state(out_dir)
             if state and is_finished(out_dir, state) and not first_difference(state["config"], train_argv(config, run)):
                 summaries[run] = run_summary(out_dir, state)
-    except runs.CheckpointError as e:
+    except CheckpointError as e:
         fail("report.py", str(e))
     path = write_markdown(config, summaries)
     write_plots(config.results_dir, summaries)

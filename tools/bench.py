@@ -1,8 +1,8 @@
 """Speed of training and evaluation: this project against Hugging Face transformers + PEFT, side by
 side in one run, on random weights of the gpt2-medium shape (nothing to download).
 
-    python bench.py                      # on the current device; prints a table, writes bench.json
-    python bench.py smoke=true           # a tiny model and a few steps: checks that it all runs
+    python -m tools.bench                # on the current device; prints a table, writes bench.json
+    python -m tools.bench smoke=true     # a tiny model and a few steps: checks that it all runs
 
 Both sides get the same weights and the same batches of real review lengths (from `dataset`, a local
 directory with the three JSONL splits; synthetic reviews of the same lengths when it is missing).
@@ -12,15 +12,16 @@ import os
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 
 import generate
 import train
-import runs
-from configurator import autocast, device_and_dtype, parse_flags
 from dataloader import SPLITS, CustomDataLoader
+from harness.checkpoints import base_fingerprint, checkpoint_of, save_checkpoint
+from harness.device import autocast, device_and_dtype, device_name
+from harness.flags import defaults, parse_flags
+from harness.run import read_metrics
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig
 
@@ -93,21 +94,21 @@ def time_training(model, batches, hf, device, dtype, warmup=3, share_prefix=True
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
     model.train()
     losses = []
-    def step(x, y):
+    def step(x, y, shared):
         with autocast(device, dtype):
-            loss = model(**hf_inputs(x, y)).loss if hf else model(x, y, share_prefix=share_prefix)[1]
+            loss = model(**hf_inputs(x, y)).loss if hf else model(x, y, shared=shared if share_prefix else 0)[1]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
-    for x, y in batches[:warmup]:
-        step(x, y)
+    for batch in batches[:warmup]:
+        step(*batch)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
     start = time.perf_counter()
-    for x, y in batches[warmup:]:
-        losses.append(step(x, y))
+    for batch in batches[warmup:]:
+        losses.append(step(*batch))
     synchronize(device)
     seconds = time.perf_counter() - start
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
@@ -134,8 +135,8 @@ def bench_training(shape, loader, config, device, dtype, name):
     n = config.batch_size
     warmup = config.warmup
     examples = loader.train_examples(0, n * (config.steps + warmup))
-    batches = [tuple(t.to(device) for t in loader.collate(sorted(examples[i:i + n], key=lambda e: len(e[0]))))
-               for i in range(0, len(examples), n)]
+    batches = [(x.to(device), y.to(device), shared) for x, y, shared in (
+        loader.collate(sorted(examples[i:i + n], key=lambda e: len(e[0]))) for i in range(0, len(examples), n))]
     tokens = sum(len(ids) - 1 for ids, _ in examples[warmup * n:])
     targets = sum(len(ids) - p for ids, p in examples[warmup * n:])
     for rank, label in ((128, "LoRA r=128"), (0, "full fine-tuning")):
@@ -162,8 +163,8 @@ def bench_training(shape, loader, config, device, dtype, name):
 def bench_train_step(shape, loader, config, device, dtype):
     """train.py's own step (length-grouped micro-batches, clipping, AdamW) for LoRA r=128 with the
     step's reviews split into micro-batches of several sizes: the same update at different speeds."""
-    settings = dict({k: default for k, (default, *_) in train.FLAGS.items()}, lora_rank=128, lora_alpha=512.0)
-    per_step = 8 if config.smoke else settings["batch_size"] * settings["gradient_accumulation_steps"]
+    defaults_now = defaults(train.FLAGS)
+    per_step = 8 if config.smoke else defaults_now.batch_size * defaults_now.gradient_accumulation_steps
     torch.manual_seed(0)
     model = GPT(GPTConfig(lora_rank=128, lora_alpha=512.0, lora_dropout=0.05, **shape))
     model = mark_only_lora_as_trainable(model).to(device).train()
@@ -171,7 +172,8 @@ def bench_train_step(shape, loader, config, device, dtype):
     tokens = sum(len(ids) - 1 for ids, _ in loader.train_examples(warmup * per_step, steps * per_step))
     rows = []
     for size in (per_step // 4, per_step // 2, per_step):
-        c = SimpleNamespace(**dict(settings, batch_size=size, gradient_accumulation_steps=per_step // size))
+        c = defaults(train.FLAGS, lora_rank=128, lora_alpha=512.0, batch_size=size,
+                     gradient_accumulation_steps=per_step // size)
         what = f"train.py step of {per_step} reviews as {per_step // size} x {size}"
         optimizer = train.make_optimizer(model, c, device)
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
@@ -182,7 +184,7 @@ def bench_train_step(shape, loader, config, device, dtype):
                         torch.cuda.reset_peak_memory_stats(device)
                     synchronize(device)
                     start = time.perf_counter()
-                train.forward_backward(model, loader, scaler, i, c, device=device, dtype=dtype)
+                train.forward_backward(model, loader, scaler, i, c, autocast(device, dtype))
                 train.clip_and_step(optimizer, scaler, c.grad_clip)
             synchronize(device)
         except torch.cuda.OutOfMemoryError:
@@ -219,9 +221,9 @@ def bench_activation_memory(shape, loader, device, dtype):
                     if storage.data_ptr() not in weights:
                         storages[storage.data_ptr()] = storage.nbytes()
                     return t
-                x, y = (t.to(device) for t in loader.collate(longest[-n:]))
+                x, y, shared = loader.collate(longest[-n:])
                 with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(device, dtype):
-                    model(x, y, share_prefix=share)
+                    model(x.to(device), y.to(device), shared=shared if share else 0)
                 saved.append(sum(storages.values()))
             per_review = (saved[1] - saved[0]) / 2
             rows.append(dict(what=f"saved for backward, {label}", who=who, tokens_per_review=len(longest[-1][0]) - 1,
@@ -243,12 +245,12 @@ def bench_evaluation(shape, loader, config, device, dtype):
         synchronize(device)
         return time.perf_counter() - start
     for share, who in ((True, "ours"), (False, "ours, no sharing")):  # the prompts' common start once per batch, or not
-        validation = SimpleNamespace(eval_batch_size=train.FLAGS["eval_batch_size"][0], eval_iters=0, share_prefix=share)
+        validation = defaults(train.FLAGS, share_prefix=share)
         rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who=who, seconds=seconds(
-            lambda: generate.predict_labels(ours, records, batch_size=config.eval_batch_size, device=device, dtype=dtype,
-                                            share_prefix=share))))
+            lambda: generate.predict_labels(ours, records, "generate", defaults(
+                generate.FLAGS, batch_size=config.eval_batch_size, share_prefix=share), autocast(device, dtype)))))
         rows.append(dict(what=f"validation loss, {len(loader.examples['validation'])} reviews", who=who, seconds=seconds(
-            lambda: train.validation_loss(ours, loader, validation, device=device, dtype=dtype))))
+            lambda: train.validation_loss(ours, loader, validation, autocast(device, dtype)))))
     ours.eval()
 
     def hf_generate(batch):
@@ -284,7 +286,7 @@ def bench_checkpoint_writes(shape, repeats=2):
     for p in trained:
         p.grad = torch.randn_like(p)
     optimizer.step()  # AdamW state exists, as at any evaluation after the first
-    best = runs.checkpoint_of(model, dict(init_from="bench", fingerprint=runs.base_fingerprint(model)))
+    best = checkpoint_of(model, dict(init_from="bench", fingerprint=base_fingerprint(model)))
     resume = dict(optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
     layouts = {
         "adapters": lambda: [best, dict(best, **resume)],
@@ -297,7 +299,7 @@ def bench_checkpoint_writes(shape, repeats=2):
             start = time.perf_counter()
             for _ in range(repeats):
                 for name, checkpoint in zip(("ckpt.pt", "ckpt_last.pt"), files()):
-                    runs.save_checkpoint(os.path.join(tmp, name), checkpoint)
+                    save_checkpoint(os.path.join(tmp, name), checkpoint)
             seconds = (time.perf_counter() - start) / repeats
             megabytes = sum(os.path.getsize(os.path.join(tmp, n)) for n in ("ckpt.pt", "ckpt_last.pt")) / 1e6
             rows.append(dict(what="checkpoint writes of an improving evaluation, LoRA r=128", who=who,
@@ -318,7 +320,7 @@ def bench_end_to_end(shape, dataset, config, device):
         start = time.perf_counter()
         train.main(flags)
         seconds = time.perf_counter() - start
-        metrics = runs.read_metrics(os.path.join(tmp, "run", "metrics.jsonl"))
+        metrics = read_metrics(os.path.join(tmp, "run", "metrics.jsonl"))
     # where the time went: the training loop (steps, validation, the rest: checkpoint writes and
     # logging), and outside it (imports aside: building the model, the last checkpoints, test accuracy)
     steps = sum(r.get("step_time", 0.0) for r in metrics)
@@ -377,7 +379,7 @@ def main(argv):
     if config.smoke:
         vars(config).update(batch_size=8, steps=2, warmup=1, eval_batch_size=16, one_at_a_time=2)
     device, dtype = device_and_dtype(config.device, config.dtype)
-    name = runs.device_name(device)
+    name = device_name(device)
     shape = TINY if config.smoke else GPT2 if config.shape == "gpt2" else MEDIUM
     parts = set(config.parts.split(","))
     if parts - set(PARTS):

@@ -1,0 +1,197 @@
+"""Checkpoint files, written whole and loaded without pickled code, and the GPT-2 weights they apply to.
+
+A checkpoint has nanoGPT's keys and the run's id; its model part holds only the parameters that train,
+and where the rest is frozen (LoRA), base names those weights: their init_from and a CRC-32 of each.
+"""
+import contextlib
+import difflib
+import functools
+import hashlib
+import json
+import os
+import pickle
+import socket
+import tempfile
+import urllib.parse
+import zlib
+from dataclasses import asdict
+
+import torch
+
+from harness.flags import TRUE, UsageError
+from model import GPT, GPTConfig, mark_trainable
+
+VERSION = 3
+KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once: files get the usual permissions, not mkstemp's owner-only ones
+
+
+class CheckpointError(UsageError):
+    """A checkpoint file that cannot be used; the message says why."""
+
+
+def atomic_write(path, write):
+    """Write path through a new temporary file renamed into place: a kill or a full disk never tears it."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~UMASK)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            os.remove(tmp)
+        cause = e  # torch.save reports a failed write as a RuntimeError caused by the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise OSError(f"could not write {path} ({cause.strerror or cause}); the previous file, if any, "
+                      "is intact") from None
+
+
+def read_json(path):
+    """path's JSON, or None where it is missing or damaged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_of(model, base, **entries):
+    """A checkpoint of model's parameters that train (a tied embedding once)."""
+    trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    return dict(version=VERSION, model=trained, model_args=asdict(model.config), base=base, **entries)
+
+
+def base_fingerprint(model):
+    """The frozen weights' identity: each one's name, shape and CRC-32 (0.3 s for gpt2-medium; sha256: 1.2 s)."""
+    if any(getattr(m, "has_weights_merged", False) for m in model.modules()):
+        raise RuntimeError("the base weights have LoRA merged into them; call model.train() first")
+    digest = hashlib.sha256()
+    for name, t in model.named_parameters():
+        if not t.requires_grad:
+            crc = zlib.crc32(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+            digest.update(f"{name}{tuple(t.shape)}{t.dtype}{crc}".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(path, checkpoint):
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path, mmap=False):
+    """A checkpoint of this project: tensors and plain data only (with mmap, mapped and read where used)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):
+            raise CheckpointError(f"{path} needs pickled code to load; refused (only tensors and plain data "
+                                  "are loaded, for safety)") from None
+        text = str(e).split("WeightsUnpickler error:")[-1]  # not PyTorch's advice to load it unsafely
+        reason = (text.strip().splitlines() or [type(e).__name__])[0]
+        reason = "an empty file" if os.path.getsize(path) == 0 else reason
+        raise CheckpointError(f"{path} is corrupt or truncated ({reason})") from None
+    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint of this project")
+    if checkpoint.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('version')!r}; this code reads "
+                              f"format {VERSION}")
+    if not KEYS <= set(checkpoint):
+        raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(KEYS - set(checkpoint)))}")
+    if not isinstance(checkpoint["model"], dict) or not all(map(torch.is_tensor, checkpoint["model"].values())):
+        raise CheckpointError(f"{path} is incomplete: its 'model' is not a set of tensors")
+    return checkpoint
+
+
+def load_model(checkpoint, base=None):
+    """The model a checkpoint describes: its trained tensors on the base weights it trained on (at base)."""
+    try:
+        config = GPTConfig(**checkpoint["model_args"])
+    except TypeError as e:
+        raise CheckpointError(f"the checkpoint's model_args are not this model's settings ({e})") from None
+    if config.n_embd % config.n_head or (config.lora_rank > 0) != (checkpoint["base"] is not None):
+        raise CheckpointError(f"the checkpoint's model_args are inconsistent: {checkpoint['model_args']}")
+    with torch.device("meta"):  # its shapes, allocating nothing: model_args may be damaged
+        check_tensors(mark_trainable(GPT(config)), checkpoint)
+    if checkpoint["base"] is None:
+        return load_trained(mark_trainable(GPT.uninitialized(config)), checkpoint)
+    base = base or checkpoint["base"]["init_from"]
+    with loading_weights("base", base):
+        model = mark_trainable(GPT.from_pretrained(base, {k: getattr(config, k) for k in GPT.ADAPTABLE}))
+    differs = next((k for k, v in asdict(model.config).items() if checkpoint["model_args"][k] != v), None)
+    if differs:
+        raise CheckpointError(f"the checkpoint's model_args have {differs}={checkpoint['model_args'][differs]!r}, "
+                              f"its base model {differs}={getattr(model.config, differs)!r}")
+    if base_fingerprint(model) != checkpoint["base"]["fingerprint"]:
+        raise CheckpointError(f"the adapter was trained on {checkpoint['base']['init_from']} (weights "
+                              f"{checkpoint['base']['fingerprint']}), not on {base} (weights "
+                              f"{base_fingerprint(model)}); give the base it was trained on")
+    return load_trained(model, checkpoint)
+
+
+def load_trained(model, checkpoint):
+    """Copy a checkpoint's trained tensors into model, a model of its run (LoRA unmerged first)."""
+    model.train()
+    check_tensors(model, checkpoint)
+    model.load_state_dict(checkpoint["model"], strict=False)
+    return model
+
+
+def check_tensors(model, checkpoint):
+    expected, state = {n: p for n, p in model.named_parameters() if p.requires_grad}, checkpoint["model"]
+    if set(state) != set(expected):
+        raise CheckpointError(f"the checkpoint's tensors do not match the model: {len(set(state) - set(expected))} "
+                              f"unexpected, {len(set(expected) - set(state))} missing")
+    wrong = next((name for name, t in state.items() if t.shape != expected[name].shape), None)
+    if wrong:
+        raise CheckpointError(f"the checkpoint's {wrong} has shape {tuple(state[wrong].shape)}, the model's "
+                              f"{tuple(expected[wrong].shape)}: its tensors and model_args disagree")
+
+
+def check_source(flag, name):
+    """A directory named by flag must exist; without a hub, the Hugging Face libraries use their cache at once."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0])):
+        if not os.path.isdir(name):
+            raise UsageError(f"{flag}={name!r}: no such directory")
+    elif not hub_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(endpoint):
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; the libraries find out themselves
+    with contextlib.suppress(OSError):
+        url = urllib.parse.urlsplit(endpoint)
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def loading_weights(flag, name):
+    """GPT-2 weights that cannot be loaded from name: one line naming the flag that fixes it."""
+    check_source(flag, name)
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, ValueError) as e:
+        expected = "" if name in GPT2_SIZES else (": expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 "
+                                                  "hub id or a local Hugging Face GPT-2 directory")
+        close = difflib.get_close_matches(name, GPT2_SIZES, n=1, cutoff=0.8)
+        hint = f"did you mean {flag}={close[0]}?" if close and close[0] != name else f"a local copy works too: {flag}=DIR"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{flag}={name!r}: cannot load GPT-2 weights from {name!r}{expected} ({reason}); {hint}") from None
