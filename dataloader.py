@@ -10,7 +10,8 @@ import torch
 PROMPT_TEMPLATES = {
     "default": ("Instruction: Classify the sentiment of the movie review as positive or negative.\n"
                 "Text: {text}\nLabel:"),
-    "question": "Movie review: {text}\nQuestion: Did the reviewer like the movie, positive or negative?\nAnswer:",
+    "question": ("Movie review: {text}\nQuestion: Did the reviewer like the movie, positive or negative?\n"
+                 "Answer:"),
 }
 LABEL_WORDS = {1: " positive", 0: " negative"}  # the leading space: GPT-2 sees "Label:" then " positive"
 SPLITS = ("train", "validation", "test")
@@ -28,8 +29,8 @@ def get_tokenizer():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # the BPE files are downloaded once, then read from tiktoken's cache
-        raise DataError(f"cannot get the GPT-2 tokenizer's files ({type(e).__name__}); connect to the internet once, "
-                        "or set TIKTOKEN_CACHE_DIR to a directory that holds them") from None
+        raise DataError(f"cannot get the GPT-2 tokenizer's files ({type(e).__name__}); connect to the "
+                        "internet once, or set TIKTOKEN_CACHE_DIR to a directory that holds them") from None
 
 
 def get_sentiment_prompt(text, label=None, template="default"):
@@ -64,8 +65,8 @@ def check_prompt_room(template, block_size, answer_tokens, model="the model"):
     """Fail early where model's context cannot hold a prompt and the answer tokens after it."""
     needed = len(encode_prompt("x", template))
     if needed + answer_tokens > block_size:
-        raise DataError(f"the '{template}' prompt needs {needed} tokens and its answer {answer_tokens} more: more than "
-                        f"the {block_size}-token context of {model}")
+        raise DataError(f"the '{template}' prompt needs {needed} tokens and its answer {answer_tokens} more: "
+                        f"more than the {block_size}-token context of {model}")
 
 
 def sample(items, n, seed=0):
@@ -93,11 +94,13 @@ def load_rotten_tomatoes(dataset="rotten_tomatoes"):
         hub = load_dataset(HUB_NAMES.get(dataset, dataset))
     except Exception as e:
         reason = (str(e).splitlines() or [repr(e)])[0]
-        raise DataError(f"cannot load dataset {dataset!r} from the hub ({reason}); give a local copy instead: "
-                        "dataset=DIR, a directory with train.jsonl, validation.jsonl, test.jsonl") from None
+        raise DataError(f"cannot load dataset {dataset!r} from the hub ({reason}); give a local copy "
+                        "instead: dataset=DIR, a directory with train.jsonl, validation.jsonl, "
+                        "test.jsonl") from None
     if any(s not in hub or len(hub[s]) == 0 for s in SPLITS):
         raise DataError(f"hub dataset {dataset} lacks a split of {', '.join(SPLITS)}, or it is empty")
-    return {s: [checked(rec, f"{s} split: {dataset} row {n}") for n, rec in enumerate(hub[s])] for s in SPLITS}
+    return {split: [checked(rec, f"{split} split: {dataset} row {n}") for n, rec in enumerate(hub[split])]
+            for split in SPLITS}
 
 
 def read_jsonl(path, split):
@@ -167,8 +170,8 @@ class CustomDataLoader:
         ids = enc.encode_ordinary(rec["instr_tuned_text"]) + [enc.eot_token]
         prompt = encode_prompt(rec["text"], self.template)
         if ids[:len(prompt)] != prompt:
-            raise DataError(f"instr_tuned_text must start with the prompt's tokens and add the answer after them "
-                            f"(as 'Label:' then ' positive'), got {rec['instr_tuned_text'][-40:]!r}")
+            raise DataError("instr_tuned_text must start with the prompt's tokens and add the answer after "
+                            f"them (as 'Label:' then ' positive'), got {rec['instr_tuned_text'][-40:]!r}")
         if len(ids) > block_size + 1:  # x is ids[:-1], so the text may be one token longer than the context
             answer = ids[len(prompt):]
             prompt = encode_prompt(rec["text"], self.template, block_size + 1 - len(answer))

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, by_length, check_prompt_room, common_start,
                         encode_prompt, get_tokenizer, load_rotten_tomatoes, sample)
-from harness.checkpoints import check_source, load_checkpoint, load_model, load_trained, loading_weights, read_json
+from harness.checkpoints import (check_source, load_checkpoint, load_model, load_trained, loading_weights,
+                                 read_json)
 from harness.device import autocast, device_and_dtype, device_name
 from harness.flags import UsageError, parse_flags, reported_errors
 from harness.run import CHECKPOINTS, OutDir
@@ -26,26 +27,27 @@ FLAGS = {  # name: (default, help[, allowed values])
     "out_dir": ("out", "where the checkpoints are; the results go here (results.json)"),
     "ckpt": ("", "init_from=resume: best (ckpt.pt), last (ckpt_last.pt) or both; default: both, or best with "
                  "text or file", ("", "best", "last", "both")),
-    "base": ("", "a LoRA run's base model where it is no longer at the run's init_from (a name or directory)"),
+    "base": ("", "a LoRA run's base model where it is no longer at the run's init_from (name or directory)"),
     "text": ([], "classify this review instead of a split (repeat the flag for more)"),
     "file": ("", "classify each line of this file instead of a split ('-' = standard input)"),
     "dataset": ("rotten_tomatoes", "hub name or local directory with train/validation/test.jsonl; "
                                    "init_from=resume: the run's unless given"),
     "split": ("test", "the split to evaluate", ("test", "validation")),
-    "num_examples": (0, "evaluate N reviews of the split drawn at random (the same N every time); 0 = all", ">= 0"),
+    "num_examples": (0, "evaluate N reviews of the split drawn at random (the same every time); 0 = all",
+                     ">= 0"),
     "prompt_template": ("default", "init_from=resume: the run's unless given", tuple(PROMPT_TEMPLATES)),
-    "method": ("generate", "generate: read the label off a few generated tokens, as the handout does; logprob: "
-                           "the likelier of ' positive' and ' negative' after the prompt (it always answers); both",
-               ("generate", "logprob", "both")),
+    "method": ("generate", "generate: read the label off a few generated tokens, as the handout does; "
+                           "logprob: the likelier of ' positive' and ' negative' after the prompt (it always "
+                           "answers); both", ("generate", "logprob", "both")),
     "max_new_tokens": (5, "tokens generated per review (fewer where the answer ends)", "> 0"),
-    "parse": ("near_start", "how an answer is read: near_start (the first of positive/negative within its first "
-                            "20 characters, as the handout reads it) or first_word (its first word must be one)",
-              ("near_start", "first_word")),
+    "parse": ("near_start", "how an answer is read: near_start (the first of positive/negative within "
+                            "its first 20 characters, as the handout reads it) or first_word (its first word "
+                            "must be one)", ("near_start", "first_word")),
     "temperature": (0.0, "0 = greedy (the default: accuracy must not depend on luck)", ">= 0"),
     "top_k": (0, "with temperature > 0, sample from the k most likely tokens; 0 = all", ">= 0"),
     "seed": (1337, "random seed for sampling", "[0, 2**32)"),
     "batch_size": (64, "reviews per batch", "> 0"),
-    "share_prefix": (True, "compute the start every prompt of a batch shares (the instruction) once per batch"),
+    "share_prefix": (True, "compute the start every prompt of a batch shares (the instruction) once a batch"),
     "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
     "dtype": ("auto", "auto, float32, bfloat16 or float16", ("auto", "float32", "bfloat16", "float16")),
     "debug": (False, "show full tracebacks"),
@@ -106,13 +108,16 @@ def predict_labels(model, records, method, config, ctx):
     model.eval()  # merges LoRA into the weights
     generated = config.max_new_tokens if method == "generate" else 0
     check_prompt_room(config.prompt_template, model.config.block_size, generated)
-    prompts = [encode_prompt(r["text"], config.prompt_template, model.config.block_size - generated) for r in records]
+    room = model.config.block_size - generated
+    prompts = [encode_prompt(r["text"], config.prompt_template, room) for r in records]
     if method == "generate":
-        return [dict(text=r["text"], label=r["label"], continuation=answer, prediction=parse_label(answer, config.parse))
+        return [dict(text=r["text"], label=r["label"], continuation=answer,
+                     prediction=parse_label(answer, config.parse))
                 for r, answer in zip(records, generated_answers(model, prompts, config, ctx))]
     differences = label_logits(model, prompts, config, ctx)
-    return [dict(text=r["text"], label=r["label"], continuation=LABEL_WORDS[int(d > 0)], prediction=int(d > 0),
-                 p_positive=p) for r, d, p in zip(records, differences, torch.sigmoid(torch.tensor(differences)).tolist())]
+    p_positive = torch.sigmoid(torch.tensor(differences)).tolist()
+    return [dict(text=r["text"], label=r["label"], continuation=LABEL_WORDS[int(d > 0)],
+                 prediction=int(d > 0), p_positive=p) for r, d, p in zip(records, differences, p_positive)]
 
 
 def summarize(predictions):
@@ -146,7 +151,8 @@ def evaluate(model, checkpoints, records, config, ctx):
                   f"({len(records) / seconds:.1f} reviews/s)")
             device = device_name(str(next(model.parameters()).device))
             rows.append(dict(checkpoint=name, iter_num=checkpoint and checkpoint["iter_num"], method=method,
-                             parse=parse, seconds=round(seconds, 3), **summary, settings=dict(vars(config), device=device)))
+                             parse=parse, seconds=round(seconds, 3), **summary,
+                             settings=dict(vars(config), method=method, device=device)))
             predictions.append(dict(checkpoint=name, method=method, parse=parse, records=preds))
     return rows, predictions
 
@@ -189,7 +195,8 @@ def read_results(path):
     """A results file of ours, or None where it is missing or not one (it is then replaced, never read)."""
     results = read_json(path)
     rows = results.get("results") if isinstance(results, dict) else None
-    ok = isinstance(rows, list) and all(isinstance(r, dict) and {"checkpoint", "method", "parse"} <= set(r) for r in rows)
+    ok = isinstance(rows, list) and all(isinstance(r, dict) and {"checkpoint", "method", "parse"} <= set(r)
+                                        for r in rows)
     ok = ok and isinstance(results.get("predictions"), list) and len(results["predictions"]) == len(rows)
     return results if ok else None
 
@@ -234,7 +241,8 @@ def classify(model, checkpoints, texts, config, ctx):
             load_trained(model, checkpoint)
         if len(checkpoints) > 1:
             print(name)
-        answers, scores = (predict_labels(model, records, method, config, ctx) for method in ("generate", "logprob"))
+        answers = predict_labels(model, records, "generate", config, ctx)
+        scores = predict_labels(model, records, "logprob", config, ctx)
         for answer, score in zip(answers, scores):
             label = {1: "positive", 0: "negative", -1: "unparseable"}[answer["prediction"]]
             print(f"{label:<11}  p(positive)={score['p_positive']:.3f}  "
@@ -245,6 +253,9 @@ def load(config, explicit, out):
     """(model, [(name, checkpoint)], the run's config or None): a run's checkpoints on one model of its
     base (its data and prompt become config's where not given), or a raw GPT-2 for zero-shot."""
     if config.init_from != "resume":
+        if explicit & {"ckpt", "base"}:
+            raise UsageError(f"{' and '.join(sorted(explicit & {'ckpt', 'base'}))} choose a run's checkpoints and "
+                             f"their base; init_from={config.init_from!r} is a raw GPT-2 (zero-shot)")
         with loading_weights("init_from", config.init_from):
             return GPT.from_pretrained(config.init_from), [("Zero-shot " + config.init_from, None)], None
     ckpt = config.ckpt or ("best" if config.text or config.file else "both")
@@ -252,6 +263,8 @@ def load(config, explicit, out):
     latest = out.latest()  # where the run's data and base are now
     for key in {"dataset", "prompt_template"} - explicit:
         setattr(config, key, latest["config"][key])
+    if config.base and latest["base"] is None:
+        raise UsageError(f"base={config.base!r}: the run in {out.path} trains every weight; it needs no base")
     base = config.base or (latest["base"] and latest["base"]["init_from"])
     return load_model(checkpoints[0][1], base), checkpoints, latest["config"]
 
@@ -259,6 +272,9 @@ def load(config, explicit, out):
 def main(argv):
     config, explicit = parse_flags("generate.py", FLAGS, argv, __doc__)
     with reported_errors("generate.py", config.debug, also=(DataError,)):
+        if config.top_k and not config.temperature:
+            raise UsageError(f"top_k={config.top_k} samples among the likeliest tokens: give a temperature > 0 "
+                             "too (temperature=0 is greedy)")
         device, dtype = device_and_dtype(config.device, config.dtype)
         torch.manual_seed(config.seed)
         texts = read_reviews(config.text, config.file)  # none unless text= or file= is given
@@ -271,7 +287,8 @@ def main(argv):
             records = sample(load_rotten_tomatoes(config.dataset)[config.split], config.num_examples)
             rows, predictions = evaluate(model, checkpoints, records, config, autocast(device, dtype))
             run_id = checkpoints[0][1]["run_id"] if trained_with else None
-            path = write_results(out, run_id, config.split, is_the_runs_result(config, trained_with), rows, predictions)
+            complete = is_the_runs_result(config, trained_with)
+            path = write_results(out, run_id, config.split, complete, rows, predictions)
             print(f"wrote {path}")
             return rows
 

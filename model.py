@@ -37,7 +37,8 @@ class KVCache:
         return 0 if self.layers[0] is None else self.layers[0][0].size(2)
 
     def expand(self, batch_size):  # a batch of one's keys and values for batch_size rows, not copied
-        self.layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self.layers]
+        self.layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
+                       for k, v in self.layers]
 
     def extend(self, layer, k, v):
         if self.layers[layer] is not None:
@@ -52,7 +53,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        lora = dict(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+        lora = dict(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                    lora_dropout=config.lora_dropout)
         self.q_attn = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
         self.k_attn = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
         self.v_attn = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
@@ -69,7 +71,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # the earlier tokens' keys and values come first: (B, nh, past + T, hs)
             k, v = kv_cache.extend(layer, k, v)
         # causal attention, or attn_mask (B or 1, 1, T, past + T) where there is padding or a past
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=attn_mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
@@ -232,8 +235,8 @@ class GPT(nn.Module):
         assert set(override_args) <= set(cls.ADAPTABLE), override_args
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         c = hf.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd, bias=True, **override_args)
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd, bias=True, **override_args)
         model = cls.uninitialized(config)
         for module in model.modules():  # LoRA's own initialisation; the base weights are loaded next
             if isinstance(module, LoRALinear) and module.is_lora():
@@ -280,4 +283,5 @@ def mark_trainable(model):
 
 
 def count_parameters(model):  # (trainable, total); the tied embedding counts once
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

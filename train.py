@@ -21,8 +21,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import generate
-from dataloader import (IGNORE_INDEX, PROMPT_TEMPLATES, CustomDataLoader, DataError, by_length, check_prompt_room,
-                        fingerprint, get_tokenizer, load_rotten_tomatoes)
+from dataloader import (IGNORE_INDEX, PROMPT_TEMPLATES, CustomDataLoader, DataError, by_length,
+                        check_prompt_room, fingerprint, get_tokenizer, load_rotten_tomatoes)
 from harness.checkpoints import check_source, load_model, loading_weights
 from harness.device import autocast, device_and_dtype
 from harness.flags import Diverged, UsageError, defaults, parse_flags, reported_errors
@@ -31,13 +31,17 @@ from model import GPT, GPTConfig, count_parameters, mark_trainable
 
 FLAGS = {  # name: (default, help[, allowed values])
     "out_dir": ("out", "directory for checkpoints, metrics.jsonl and results"),
-    "resume": ("off", "auto: continue out_dir's interrupted run if there is one, else start it; off: always start afresh", ("off", "auto")),
-    "overwrite": (False, "start afresh even where out_dir holds an earlier run (its files are removed first)"),
-    "init_from": ("gpt2-medium", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub id or local Hugging Face GPT-2 directory; 'resume' continues out_dir; 'scratch' trains every weight of a small random model (sized by n_layer, n_head, n_embd, block_size)"),
+    "resume": ("off", "auto: continue out_dir's interrupted run if there is one, else start it; off: always "
+                      "start afresh", ("off", "auto")),
+    "overwrite": (False, "start afresh even where out_dir holds an earlier run (whose files are removed)"),
+    "init_from": ("gpt2-medium", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub id or local Hugging Face "
+                                 "GPT-2 directory; 'resume' continues out_dir; 'scratch' trains every "
+                                 "weight of a small random model (n_layer, n_head, n_embd, block_size)"),
     "dataset": ("rotten_tomatoes", "hub dataset name, or a local directory with train/validation/test.jsonl"),
     "prompt_template": ("default", "instruction template", tuple(PROMPT_TEMPLATES)),
     "mask_prompt": (True, "loss on the answer tokens only; false: on the whole sequence"),
-    "share_prefix": (True, "compute the start every review of a batch shares (the instruction) once per batch, whose rows then share its dropout masks; false: once per review"),
+    "share_prefix": (True, "compute the start every review of a batch shares (the instruction) once per "
+                           "batch, whose rows then share its dropout masks; false: once per review"),
     "lora_rank": (128, "LoRA rank on the q, k, v projections; 0 = full fine-tuning", ">= 0"),
     "lora_alpha": (512.0, "LoRA alpha: the update is scaled by alpha / rank", "> 0"),
     "lora_dropout": (0.05, "dropout on the input of the LoRA branch", "[0, 1)"),
@@ -45,7 +49,7 @@ FLAGS = {  # name: (default, help[, allowed values])
     "learning_rate": (2.5e-4, "AdamW learning rate, constant", "> 0"),
     "max_iters": (80, "optimizer steps", "> 0"),
     "batch_size": (32, "examples per micro-batch (per process)", "> 0"),
-    "gradient_accumulation_steps": (4, "micro-batches per step: batch_size x this = examples per step", "> 0"),
+    "gradient_accumulation_steps": (4, "micro-batches per step: batch_size x this = reviews per step", "> 0"),
     "weight_decay": (0.1, "AdamW weight decay on matrices", ">= 0"),
     "beta1": (0.9, "AdamW beta1", "[0, 1)"),
     "beta2": (0.95, "AdamW beta2", "[0, 1)"),
@@ -57,7 +61,8 @@ FLAGS = {  # name: (default, help[, allowed values])
     "eval_test": (True, "at the end, test accuracy of the best and last checkpoints"),
     "seed": (1337, "random seed: initialisation, data order, dropout", "[0, 2**32)"),
     "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
-    "dtype": ("auto", "auto (bfloat16, or float16 on GPUs without it; float32 on CPU)", ("auto", "float32", "bfloat16", "float16")),
+    "dtype": ("auto", "auto (bfloat16, or float16 on GPUs without it; float32 on CPU)",
+              ("auto", "float32", "bfloat16", "float16")),
     "compile": (False, "torch.compile the model"),
     "n_layer": (4, "init_from=scratch: layers", "> 0"),
     "n_head": (4, "init_from=scratch: attention heads", "> 0"),
@@ -69,7 +74,7 @@ FLAGS = {  # name: (default, help[, allowed values])
     "debug": (False, "show full tracebacks"),
 }
 SIZES = ("n_layer", "n_head", "n_embd", "block_size")  # init_from=scratch's; a pretrained model has its own
-KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")  # the homework's template
+KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")  # the homework's
 
 
 def check_settings(config, resume, world):
@@ -81,12 +86,12 @@ def check_settings(config, resume, world):
         raise UsageError("dataset is empty: name a hub dataset or a local directory")
     step = config.batch_size * config.gradient_accumulation_steps
     if step % world:
-        raise UsageError(f"batch_size x gradient_accumulation_steps = {step} reviews a step do not divide among "
-                         f"{world} processes")
-    if resume is not None and step != resume["config"]["batch_size"] * resume["config"]["gradient_accumulation_steps"]:
-        saved = resume["config"]["batch_size"] * resume["config"]["gradient_accumulation_steps"]
-        raise UsageError(f"batch_size x gradient_accumulation_steps = {step} reviews a step, where the run took "
-                         f"{saved}: it would repeat or skip reviews; resume with a product of {saved}")
+        raise UsageError(f"batch_size x gradient_accumulation_steps = {step} reviews a step do not divide "
+                         f"among {world} processes")
+    saved = resume and resume["config"]["batch_size"] * resume["config"]["gradient_accumulation_steps"]
+    if resume is not None and step != saved:
+        raise UsageError(f"batch_size x gradient_accumulation_steps = {step} reviews a step, where the run "
+                         f"took {saved}: it would repeat or skip reviews; resume with a product of {saved}")
     if config.init_from != "scratch" and (resume is None or resume["base"] is not None):
         with loading_weights("init_from", config.init_from):  # a missing directory or hub is found out now
             from transformers import GPT2Config
@@ -111,21 +116,32 @@ def build_model(config, run):
     return mark_trainable(model)
 
 
-def check_sizes(config, model, loader, explicit):
-    """What only the model and the data tell: the sizes are the model's, a step's reviews fit in the
-    train split, and every prompt fits the context beside its answer (and generate.py's, with eval_test)."""
+def check_model(config, model, explicit):
+    """What only the model tells: its sizes are the ones given (saved and printed as they are), and its
+    context holds the prompt and its answer (generate.py's too, with eval_test)."""
     for key in SIZES:
         if key in explicit and getattr(config, key) != getattr(model.config, key):
             raise UsageError(f"{key}={getattr(config, key)}: {config.init_from} has {key}="
                              f"{getattr(model.config, key)}; only init_from=scratch takes the sizes given")
-        setattr(config, key, getattr(model.config, key))  # saved and printed as the model is
+        setattr(config, key, getattr(model.config, key))
+    answer = generate.FLAGS["max_new_tokens"][0] if config.eval_test else 1
+    check_prompt_room(config.prompt_template, model.config.block_size, answer, model_named(config))
+
+
+def check_data(config, loader):
+    """What only the data tells: a step's reviews fit in the train split, and most reviews fit the context."""
     step, reviews = config.batch_size * config.gradient_accumulation_steps, len(loader.examples["train"])
     if step > reviews:
         raise UsageError(f"batch_size x gradient_accumulation_steps = {step} reviews a step: more than the "
                          f"{reviews} of the train split")
-    answer = generate.FLAGS["max_new_tokens"][0] if config.eval_test else 1
-    hint = " (raise block_size)" if config.init_from == "scratch" else ""
-    check_prompt_room(config.prompt_template, model.config.block_size, answer, f"init_from={config.init_from}{hint}")
+    everything = sum(map(len, loader.examples.values()))
+    if loader.truncated > everything / 2:
+        raise UsageError(f"{loader.truncated} of {everything} reviews would be cut short to fit the "
+                         f"{config.block_size}-token context of {model_named(config)}")
+
+
+def model_named(config):
+    return f"init_from={config.init_from}" + (" (raise block_size)" if config.init_from == "scratch" else "")
 
 
 def make_optimizer(model, config, device):
@@ -201,7 +217,8 @@ def forward_backward(model, loader, scaler, iter_num, config, ctx):
 def clip_and_step(optimizer, scaler, grad_clip):
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(trained, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -224,11 +241,13 @@ def train(model, loader, run, device, dtype):
               file=sys.stderr) as bar:
         while True:
             # the validation loss at the start, every eval_interval steps and at the end; the checkpoints
-            if (iter_num % config.eval_interval == 0 or iter_num == config.max_iters) and iter_num != evaluated:
+            due = iter_num % config.eval_interval == 0 or iter_num == config.max_iters
+            if due and iter_num != evaluated:
                 t0 = time.time()
                 val_loss = validation_loss(model, loader, config, ctx, progress=run.master)
                 if not math.isfinite(val_loss):
-                    raise Diverged(f"validation loss is {val_loss} at iteration {iter_num}; checkpoints left as they were")
+                    raise Diverged(f"validation loss is {val_loss} at iteration {iter_num}; checkpoints "
+                                   "left as they were")
                 row = run.log(iter=iter_num, val_loss=val_loss, val_time=round(time.time() - t0, 3))
                 if wandb_run:
                     wandb_run.log(row, step=iter_num)
@@ -245,11 +264,13 @@ def train(model, loader, run, device, dtype):
 
             # one optimizer step over batch_size x gradient_accumulation_steps reviews
             t0 = time.time()
-            ckpt_due = config.ckpt_interval > 0 and iter_num % config.ckpt_interval == 0 and iter_num % config.eval_interval
+            between = iter_num % config.eval_interval  # an evaluation saves ckpt_last.pt anyway
+            ckpt_due = config.ckpt_interval and iter_num % config.ckpt_interval == 0 and between
             rng = rng_state(device) if ckpt_due else None  # before this step's dropout draws
             train_loss, tokens = forward_backward(step_model, loader, scaler, iter_num, config, ctx)
             if not math.isfinite(train_loss):
-                raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints left as they were")
+                raise Diverged(f"training loss is {train_loss} at iteration {iter_num + 1}; checkpoints "
+                               "left as they were")
             if ckpt_due:  # the state whose loss has just proved finite, before the step changes it
                 run.save("ckpt_last.pt", model, iter_num, best_val_loss, optimizer, scaler, rng)
             clip_and_step(optimizer, scaler, config.grad_clip)
@@ -265,7 +286,8 @@ def train(model, loader, run, device, dtype):
         wandb_run.finish()
     if run.master:
         print(f"done: iteration {iter_num} of {config.max_iters}, best validation loss {best_val_loss:.4f}\n"
-              f"checkpoints: {run.file('ckpt.pt')} (best), {run.file('ckpt_last.pt')} (last); metrics.jsonl beside them")
+              f"checkpoints: {run.file('ckpt.pt')} (best), {run.file('ckpt_last.pt')} (last); metrics.jsonl "
+              "beside them")
 
 
 def wandb_key():
@@ -293,7 +315,8 @@ def start_wandb(config):
                           name=config.wandb_run_name or os.path.basename(os.path.abspath(config.out_dir)))
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0]
-        print(f"warning: wandb is unavailable ({type(e).__name__}: {reason}); logging locally only", file=sys.stderr)
+        print(f"warning: wandb is unavailable ({type(e).__name__}: {reason}); logging locally only",
+              file=sys.stderr)
         return None
 
 
@@ -316,9 +339,9 @@ def distributed(device):
             return 0, 1, device
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     except (KeyError, ValueError):
-        raise UsageError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}, RANK={os.environ.get('RANK')!r} and "
-                         f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}: expected whole numbers, as torchrun sets "
-                         "them") from None
+        found = ", ".join(f"{v}={os.environ.get(v)!r}" for v in ("WORLD_SIZE", "RANK"))
+        raise UsageError(f"{found} and LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}: expected whole numbers, "
+                         "as torchrun sets them") from None
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -354,17 +377,19 @@ def main(argv):
             records = load_rotten_tomatoes(config.dataset)  # bad data stops the run before the model loads
             run.data = fingerprint(records)
             if run.resume and run.resume.get("data") not in (None, run.data):
-                raise UsageError(f"dataset={config.dataset!r} holds other reviews than the run trained on; resume it "
-                                 f"on its own data, or start a new run in another out_dir")
+                raise UsageError(f"dataset={config.dataset!r} holds other reviews than the run trained on; "
+                                 "resume it on its own data, or start a new run in another out_dir")
             model = build_model(config, run).to(device)
-            loader = CustomDataLoader(records, model.config.block_size, config.prompt_template, config.mask_prompt,
-                                      config.seed)
-            check_sizes(config, model, loader, explicit)
+            check_model(config, model, explicit)
+            loader = CustomDataLoader(records, model.config.block_size, config.prompt_template,
+                                      config.mask_prompt, config.seed)
+            check_data(config, loader)
             trainable, total = count_parameters(model)
             if run.master:  # one process of a torchrun speaks
                 print("".join(f"{k} = {v!r}\n" for k, v in vars(config).items()) +
-                      f"{config.init_from} on {device} ({dtype}); trainable parameters: {trainable:,} of {total:,} "
-                      f"({100 * trainable / total:.2f}%); {loader.truncated} reviews truncated to fit")
+                      f"{config.init_from} on {device} ({dtype}); trainable parameters: {trainable:,} of "
+                      f"{total:,} ({100 * trainable / total:.2f}%); {loader.truncated} reviews truncated to "
+                      "fit")
             if run.master and run.resume and run.resume["iter_num"] == config.max_iters:
                 print(f"{run.path} holds this run finished at iteration {config.max_iters}: nothing to train")
             elif run.master and run.resume:

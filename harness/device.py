@@ -17,8 +17,10 @@ def device_and_dtype(device, dtype):
         kind = None
     if kind not in ("cpu", "cuda", "mps"):
         raise UsageError(f"device={device!r}: expected auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device={device!r}: {kind.upper()} is not available on this machine (use device=cpu)")
+    available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    if not available[kind]:
+        raise UsageError(f"device={device!r}: {kind.upper()} is not available on this machine (use "
+                         "device=cpu)")
     if dtype == "auto":
         dtype = "float32" if kind != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if dtype == "float16" and kind != "cuda":

@@ -34,7 +34,7 @@ def fail(program, message, status=2):
 
 @contextlib.contextmanager
 def reported_errors(program, debug=False, also=()):
-    """A usage error (or one of also), a failed read or write, a diverged run: one line (debug: a traceback)."""
+    """A usage error (or one of also), a failed write or a diverged run: one line (debug: a traceback)."""
     try:
         yield
     except (UsageError, OSError, Diverged, *also) as e:
@@ -48,25 +48,30 @@ def parse_flags(program, flags, argv, summary=""):
     if "-h" in argv or "--help" in argv:
         print(help_text(program, flags, summary))
         sys.exit(0)
-    values, given, args = defaults(flags), set(), list(argv)
     try:
-        while args:
-            arg = args.pop(0)
-            if not arg.startswith("--") and (arg.startswith("-") or "=" not in arg):
-                raise UsageError(f"{arg!r} is not a flag (flags are key=value or --key=value; -h lists them)")
-            name, has_value, text = arg.removeprefix("--").partition("=")
-            key = canonical(name, flags)
-            value = convert(key, text if has_value else value_after(args, name, flags), flags)
-            if isinstance(flags[key][0], list):
-                value = (getattr(values, key) if key in given else []) + [value]
-            elif key in given:
-                raise UsageError(f"{key} is given twice ({getattr(values, key)!r} and {value!r}); give it once")
-            setattr(values, key, value)
-            given.add(key)
-        for key, (_, _, *rule) in flags.items():
-            check(key, getattr(values, key), rule[0] if rule else None)
+        return parse(flags, argv)
     except UsageError as e:
         fail(program, e)
+
+
+def parse(flags, argv):
+    """(config, the names given) of argv, or a UsageError naming what is wrong."""
+    values, given, args = defaults(flags), set(), list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--") and (arg.startswith("-") or "=" not in arg):
+            raise UsageError(f"{arg!r} is not a flag (flags are key=value or --key=value; -h lists them)")
+        name, has_value, text = arg.removeprefix("--").partition("=")
+        key = canonical(name, flags)
+        value = convert(key, text if has_value else value_after(args, name, flags), flags)
+        if isinstance(flags[key][0], list):
+            value = (getattr(values, key) if key in given else []) + [value]
+        elif key in given:
+            raise UsageError(f"{key} is given twice ({getattr(values, key)!r} and {value!r}); give it once")
+        setattr(values, key, value)
+        given.add(key)
+    for key, (_, _, *rule) in flags.items():
+        check(key, getattr(values, key), rule[0] if rule else None)
     return values, given
 
 
@@ -80,7 +85,8 @@ def canonical(name, flags):
     key = ALIASES.get(name.strip().replace("-", "_"), name.strip().replace("-", "_"))
     if key not in flags:
         close = difflib.get_close_matches(key, list(flags) + list(ALIASES), n=1, cutoff=0.6)
-        raise UsageError(f"unknown flag {name!r}" + (f" (did you mean {close[0]}?)" if close else " (-h lists the flags)"))
+        hint = f"did you mean {close[0]}?" if close else "-h lists the flags"
+        raise UsageError(f"unknown flag {name!r} ({hint})")
     return key
 
 
@@ -107,7 +113,8 @@ def convert(key, text, flags):
         try:
             value = type(default)(text)
         except ValueError:
-            raise UsageError(f"{key}={text!r}: expected {'an integer' if type(default) is int else 'a number'}") from None
+            kind = "an integer" if type(default) is int else "a number"
+            raise UsageError(f"{key}={text!r}: expected {kind}") from None
         if value != value or abs(value) == float("inf"):
             raise UsageError(f"{key}={text!r}: expected a finite number")
         return value

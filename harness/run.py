@@ -37,8 +37,9 @@ def check_out_dir(path, flag="out_dir"):
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"{flag}={path!r} " + ("is a file, not a directory" if existing == os.path.abspath(path)
-                                                 else f"cannot be created: {existing} is a file"))
+        problem = ("is a file, not a directory" if existing == os.path.abspath(path)
+                   else f"cannot be created: {existing} is a file")
+        raise UsageError(f"{flag}={path!r} {problem}")
     try:  # permissions, a read-only disk: only trying tells
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".probe-"))
     except OSError as e:
@@ -46,7 +47,7 @@ def check_out_dir(path, flag="out_dir"):
 
 
 class OutDir:
-    """out_dir, locked by this process from now (if it does not exist yet: from the first write) until close."""
+    """out_dir, locked by this process from now (if it is missing: from the first write) until close."""
 
     def __init__(self, path, program, lock=True):
         check_out_dir(path)
@@ -63,8 +64,8 @@ class OutDir:
         os.makedirs(self.path, exist_ok=True)
         self.fd = take_lock(self.path, self.program)
         if self.made and any(os.path.exists(self.file(f)) for f in RUN_FILES):
-            raise UsageError(f"out_dir={self.path!r} was taken by another process as this one started; nothing "
-                             "was written: choose another out_dir")
+            raise UsageError(f"out_dir={self.path!r} was taken by another process as this one started; "
+                             "nothing was written: choose another out_dir")
         for name in os.listdir(self.path):  # the temporary file of a process killed while writing
             if name.endswith(".tmp") and name.startswith(tuple(f".{f}." for f in RUN_FILES)):
                 os.remove(self.file(name))
@@ -89,7 +90,8 @@ class OutDir:
         paths = [self.file(CHECKPOINTS[key][1]) for key in which]
         missing = next((path for path in paths if not os.path.isfile(path)), None)
         if missing:
-            raise UsageError(f"no checkpoint at {missing}; make one with: python train.py out_dir={self.path}")
+            raise UsageError(f"no checkpoint at {missing}; make one with: python train.py "
+                             f"out_dir={self.path}")
         found = same_run({path: load_checkpoint(path) for path in paths})
         return [(CHECKPOINTS[key][0], checkpoint) for key, checkpoint in zip(which, found.values())]
 
@@ -153,10 +155,11 @@ def start_or_resume(config, explicit, found, world=1):
         raise UsageError(f"out_dir={config.out_dir!r} holds an earlier run; continue it with resume=auto, "
                          "replace it with overwrite=true, or choose another out_dir")
     best = found["best"]  # a run killed before its first ckpt_last.pt (perhaps evaluated) has nothing to lose
-    if (best and best["iter_num"] > 0) or any(not best or not isinstance(e, dict) or e.get("run_id") != best["run_id"]
-                                              for e in found["evaluations"]):
+    ours = [isinstance(e, dict) and best and e.get("run_id") == best["run_id"] for e in found["evaluations"]]
+    if (best and best["iter_num"] > 0) or not all(ours):
         raise UsageError(f"out_dir={config.out_dir!r} holds a run but no ckpt_last.pt to continue it from; "
-                         "nothing was changed: replace the run with overwrite=true, or choose another out_dir")
+                         "nothing was changed: replace the run with overwrite=true, or choose another "
+                         "out_dir")
     return config, None
 
 
@@ -170,35 +173,36 @@ def resumed_config(config, explicit, found, world):
     if not RESUME_KEYS <= set(last):
         raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(RESUME_KEYS - set(last)))}")
     if len(last["rng"]) != world:
-        raise UsageError(f"{path} was saved by {len(last['rng'])} processes and this is {world}; resume it with "
-                         f"the same number (torchrun --nproc_per_node={len(last['rng'])}, or 1: python train.py)")
+        saved_by = len(last["rng"])
+        raise UsageError(f"{path} was saved by {saved_by} processes and this is {world}; resume it with the "
+                         f"same number (torchrun --nproc_per_node={saved_by}, or 1: python train.py)")
     if best is None:
-        raise CheckpointError(f"{path} has no {best_path} beside it; continue the run from a whole copy of its "
-                              "out_dir")
+        raise CheckpointError(f"{path} has no {best_path} beside it; continue the run from a whole copy "
+                              "of its out_dir")
     same_run({path: last, best_path: best})
     if found["metrics_run"] not in (None, last["run_id"]):
-        raise CheckpointError(f"{os.path.join(config.out_dir, 'metrics.jsonl')} holds rows of another run than "
-                              f"{path}'s ({last['run_id']}); nothing was changed")
+        raise CheckpointError(f"{os.path.join(config.out_dir, 'metrics.jsonl')} holds rows of another run "
+                              f"than {path}'s ({last['run_id']}); nothing was changed")
     saved = last["config"]
     for key in ARCHITECTURE:
         if key in explicit and getattr(config, key) != saved[key]:
-            raise UsageError(f"{key}={getattr(config, key)!r} differs from the checkpoint's {key}={saved[key]!r} "
-                             f"in {path}; drop the flag or use a new out_dir")
+            raise UsageError(f"{key}={getattr(config, key)!r} differs from the checkpoint's "
+                             f"{key}={saved[key]!r} in {path}; drop the flag or use a new out_dir")
     merged = SimpleNamespace(**dict(saved, **{k: getattr(config, k) for k in set(explicit) | set(MACHINE)}))
     merged.init_from = saved["init_from"]
     if best["iter_num"] > max(last["iter_num"], merged.max_iters):  # an extension killed between its writes
-        raise UsageError(f"{best_path} is at iteration {best['iter_num']}, past {path}'s {last['iter_num']}: an "
-                         f"extension to max_iters={best['config']['max_iters']} was interrupted; continue it "
-                         "with that max_iters")
+        raise UsageError(f"{best_path} is at iteration {best['iter_num']}, past {path}'s {last['iter_num']}: "
+                         f"an extension to max_iters={best['config']['max_iters']} was interrupted; continue "
+                         "it with that max_iters")
     if last["iter_num"] > merged.max_iters:
-        raise UsageError(f"out_dir={config.out_dir!r} holds a run at iteration {last['iter_num']}, past max_iters="
-                         f"{merged.max_iters}; nothing was changed: give max_iters={last['iter_num']} or more "
-                         "to continue it")
+        raise UsageError(f"out_dir={config.out_dir!r} holds a run at iteration {last['iter_num']}, past "
+                         f"max_iters={merged.max_iters}; nothing was changed: give "
+                         f"max_iters={last['iter_num']} or more to continue it")
     if "init_from" in explicit and config.init_from not in ("resume", saved["init_from"]):
         if last["base"] is None:
             raise UsageError(f"init_from={config.init_from!r} differs from the resumed run's init_from="
-                             f"{saved['init_from']!r}, and that run trains every weight, so it continues from "
-                             "its own; drop the flag or use a new out_dir")
+                             f"{saved['init_from']!r}, and that run trains every weight, so it continues "
+                             "from its own; drop the flag or use a new out_dir")
         merged.init_from = config.init_from  # the same base weights found elsewhere (checked as they load)
     return merged
 
@@ -247,7 +251,8 @@ class TrainingRun(OutDir):
             checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng)
         # a sum is finite only where every element is: 100x faster than torch.isfinite on some CPU builds
         if not all(torch.isfinite(t.sum(dtype=torch.float64)) for t in checkpoint["model"].values()):
-            raise Diverged(f"the weights are not finite at iteration {iter_num}; checkpoints left as they were")
+            raise Diverged(f"the weights are not finite at iteration {iter_num}; checkpoints left as they "
+                           "were")
         save_checkpoint(self.file(name), checkpoint)
 
     def log(self, **row):
@@ -273,13 +278,14 @@ class TrainingRun(OutDir):
 
 
 def located(name):
-    """Where weights named name are found from any directory: a local directory's absolute path, or a hub id."""
+    """Where weights named name are from any directory: a local directory's absolute path, or a hub id."""
     return os.path.abspath(name) if os.path.isdir(name) else name
 
 
 def rng_state(device):
     """The random state dropout draws from, to resume exactly."""
-    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
+    cuda = torch.cuda.get_rng_state(device) if device.startswith("cuda") else None
+    return dict(cpu=torch.get_rng_state(), cuda=cuda)
 
 
 def read_metrics(path):

@@ -35,9 +35,10 @@ def hf_gpt2_dir(tmp_path_factory):
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-gpt2-tests"
 BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-WAYS_OUT = ("connect to the internet once (both are then kept in {cache}), or set ROTTEN_TOMATOES_DIR to a directory with "
-            'train.jsonl, validation.jsonl and test.jsonl (one {{"text": ..., "label": 0 or 1}} object a line) and '
-            "TIKTOKEN_CACHE_DIR to one with GPT-2's vocab.bpe and encoder.json under tiktoken's cache names (README.md, Tests)")
+WAYS_OUT = ("connect to the internet once (both are then kept in {cache}), or set ROTTEN_TOMATOES_DIR to a "
+            'directory with train.jsonl, validation.jsonl and test.jsonl (one '
+            '{{"text": ..., "label": 0 or 1}} object a line) and TIKTOKEN_CACHE_DIR to one with '
+            "GPT-2's vocab.bpe and encoder.json under tiktoken's cache names (README.md, Tests)")
 
 
 def reachable(host):
@@ -57,7 +58,8 @@ def fetch_test_data():
     cached = [Path(os.environ["TIKTOKEN_CACHE_DIR"]) / hashlib.sha1(f"{BPE_URL}{name}".encode()).hexdigest()
               for name in ("vocab.bpe", "encoder.json")]
     if not all(p.exists() for p in cached) and not reachable("openaipublic.blob.core.windows.net"):
-        return f"no GPT-2 tokenizer files in TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} and no internet"
+        return (f"no GPT-2 tokenizer files in TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} "
+                "and no internet")
     try:
         get_tokenizer()
     except DataError as e:
@@ -73,7 +75,8 @@ def fetch_test_data():
             CACHE.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=CACHE))
             for split in SPLITS:
-                (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits[split]), encoding="utf-8")
+                (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits[split]),
+                                                    encoding="utf-8")
             os.replace(tmp, CACHE / "rotten_tomatoes")
     return None
 
@@ -132,11 +135,12 @@ def last_wins(*flags, names=None):
 
 
 def run_train(*flags):
-    """train.py in this process, tiny and quick unless flags say otherwise (a resumed run keeps its own step)."""
+    """train.py in this process, tiny and quick unless flags say otherwise (a resumed run keeps its own
+    step)."""
     import train
     step = [] if "init_from=resume" in flags else ["batch_size=8", "gradient_accumulation_steps=2"]
-    train.main(last_wins("device=cpu", "eval_test=false", *step, "eval_interval=2", "eval_batch_size=32", *flags,
-                         names=train.FLAGS))
+    train.main(last_wins("device=cpu", "eval_test=false", *step, "eval_interval=2", "eval_batch_size=32",
+                         *flags, names=train.FLAGS))
 
 
 # a killed run, and the uninterrupted run it must equal once resumed
@@ -171,13 +175,15 @@ train.main(sys.argv[3:])
 
 
 def tiny_run_flags(hf_dir, data_dir, out_dir):
-    return [f"init_from={hf_dir}", f"dataset={data_dir}", f"out_dir={out_dir}", "max_iters=4", "eval_interval=2",
-            "rank=8", "alpha=32", "lr=1e-2", "lora_dropout=0.1", "dropout=0.1", "batch_size=8",
-            "gradient_accumulation_steps=1", "eval_batch_size=32", "eval_test=false", "device=cpu", "resume=auto"]
+    return [f"init_from={hf_dir}", f"dataset={data_dir}", f"out_dir={out_dir}", "max_iters=4",
+            "eval_interval=2", "rank=8", "alpha=32", "lr=1e-2", "lora_dropout=0.1", "dropout=0.1",
+            "batch_size=8", "gradient_accumulation_steps=1", "eval_batch_size=32", "eval_test=false",
+            "device=cpu", "resume=auto"]
 
 
 def losses(out_dir):
-    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()[1:]]  # after the run's id
+    rows = [json.loads(l)
+            for l in (out_dir / "metrics.jsonl").read_text().splitlines()[1:]]  # after the run's id
     return [{k: r[k] for k in ("iter", "train_loss", "val_loss") if k in r} for r in rows]
 
 

@@ -18,7 +18,8 @@ def write_split_dir(path, rows_by_split):
 
 
 def tiny_rows(n=6):
-    return [{"text": f"review number {i} was {'great' if i % 2 else 'dull'}", "label": i % 2} for i in range(n)]
+    return [{"text": f"review number {i} was {'great' if i % 2 else 'dull'}", "label": i % 2}
+            for i in range(n)]
 
 
 @pytest.fixture
@@ -32,15 +33,18 @@ def test_prompt_and_answer_tokens(template):
     prompt = get_sentiment_prompt("a gorgeous , witty film", template=template)
     assert prompt.endswith(":") and "a gorgeous , witty film" in prompt
     for positive in (1, "positive", " Positive", "POSITIVE"):
-        assert get_sentiment_prompt("x", positive, template) == get_sentiment_prompt("x", template=template) + " positive"
+        assert (get_sentiment_prompt("x", positive, template)
+                == get_sentiment_prompt("x", template=template) + " positive")
     for negative in (0, "negative", "Negative "):
-        assert get_sentiment_prompt("x", negative, template) == get_sentiment_prompt("x", template=template) + " negative"
-    assert get_sentiment_prompt("x", "", template) == get_sentiment_prompt("x", None, template) == prompt.replace(
-        "a gorgeous , witty film", "x")
+        assert (get_sentiment_prompt("x", negative, template)
+                == get_sentiment_prompt("x", template=template) + " negative")
+    assert (get_sentiment_prompt("x", "", template) == get_sentiment_prompt("x", None, template)
+            == prompt.replace("a gorgeous , witty film", "x"))
     # the prompt's tokens are the start of the whole text's, and the answer is one token
     for label, answer in ((0, NEGATIVE), (1, POSITIVE)):
         ids = encode_prompt("a gorgeous , witty film", template)
-        assert enc.encode_ordinary(get_sentiment_prompt("a gorgeous , witty film", label, template)) == ids + [answer]
+        assert (enc.encode_ordinary(get_sentiment_prompt("a gorgeous , witty film", label, template))
+                == ids + [answer])
 
 
 @pytest.mark.parametrize("label", [2, -1, "neutral", "pos", True, 1.5, [1]])
@@ -75,16 +79,19 @@ def test_loss_mask_covers_only_the_answer(tiny_dir):
     loader = CustomDataLoader(str(tiny_dir), block_size=128)
     examples = loader.examples["train"][:3]
     x, y, shared = loader.collate(examples)
-    # the start every row shares, computed once by the model: the instruction (and here the reviews' first words)
+    # the start every row shares, computed once by the model: the instruction
+    # (and here the reviews' first words)
     assert get_tokenizer().decode(x[0, :shared].tolist()) == (
-        "Instruction: Classify the sentiment of the movie review as positive or negative.\nText: review number")
+        "Instruction: Classify the sentiment of the movie review as positive or negative.\n"
+        "Text: review number")
     for row, (ids, n_prompt) in enumerate(examples):
         n = len(ids) - 1
         assert x[row, :n].tolist() == ids[:-1]
         assert torch.all(x[row, n:] == EOT)
         counted = (y[row] != IGNORE_INDEX).nonzero().flatten().tolist()
         assert counted == [n_prompt - 1, n_prompt]
-        assert y[row, counted].tolist() == [POSITIVE if loader.records["train"][row]["label"] else NEGATIVE, EOT]
+        assert y[row, counted].tolist() == [
+            POSITIVE if loader.records["train"][row]["label"] else NEGATIVE, EOT]
     unmasked = CustomDataLoader(str(tiny_dir), block_size=128, mask_prompt=False)
     _, y_all, _ = unmasked.collate(examples)
     for row, (ids, _) in enumerate(examples):
@@ -125,8 +132,10 @@ def test_real_splits(data_dir):
     assert {s: len(r) for s, r in splits.items()} == {"train": 8530, "validation": 1066, "test": 1066}
     for rows in splits.values():
         assert sum(r["label"] for r in rows) * 2 == len(rows)
-    assert splits["train"][0]["text"].startswith("the rock is destined to be the 21st century's new \" conan \"")
-    assert splits["validation"][0]["text"].startswith("compassionately explores the seemingly irreconcilable situation")
+    assert splits["train"][0]["text"].startswith(
+        "the rock is destined to be the 21st century's new \" conan \"")
+    assert splits["validation"][0]["text"].startswith(
+        "compassionately explores the seemingly irreconcilable situation")
     assert splits["test"][0]["text"].startswith("lovingly photographed in the manner of a golden book")
     assert splits["train"][0]["label"] == splits["validation"][0]["label"] == splits["test"][0]["label"] == 1
 
@@ -139,7 +148,8 @@ def test_real_prompt_lengths(data_dir):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"text": "ok", "label": 1}\n{"text": "ok", "label": 2}\n', "train split: {f}:2: 'label' must be 0 or 1, got 2"),
+    ('{"text": "ok", "label": 1}\n{"text": "ok", "label": 2}\n',
+     "train split: {f}:2: 'label' must be 0 or 1, got 2"),
     ('{"text": "ok", "label": 1}\n{"label": 1}\n', "train split: {f}:2: 'text' is missing or empty"),
     ('{"text": "   ", "label": 1}\n', "train split: {f}:1: 'text' is missing or empty"),
     ('{"text": "ok", "label": 1}\n{"text": "ok", "label": 1\n', "train split: {f}:2: malformed JSON"),
@@ -193,7 +203,8 @@ def test_hub_path_reads_a_dataset_dict(data_dir, monkeypatch):
 
     def fake_hub(name):
         assert name == "cornell-movie-review-data/rotten_tomatoes"  # what "rotten_tomatoes" resolves to
-        return load_json("json", data_files={s: str(data_dir / f"{s}.jsonl") for s in ("train", "validation", "test")})
+        return load_json("json", data_files={s: str(data_dir / f"{s}.jsonl")
+                                             for s in ("train", "validation", "test")})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_hub)
     splits = load_rotten_tomatoes("rotten_tomatoes")
@@ -202,7 +213,8 @@ def test_hub_path_reads_a_dataset_dict(data_dir, monkeypatch):
 
 def test_hub_rows_are_checked_and_hub_failures_are_one_line(monkeypatch):
     import datasets
-    bad = datasets.DatasetDict({s: datasets.Dataset.from_list([{"text": "ok", "label": 1}, {"text": "", "label": 0}])
+    bad = datasets.DatasetDict({s: datasets.Dataset.from_list([{"text": "ok", "label": 1},
+                                                               {"text": "", "label": 0}])
                                 for s in ("train", "validation", "test")})
     monkeypatch.setattr(datasets, "load_dataset", lambda name: bad)
     with pytest.raises(DataError, match="^train split: some/dataset row 1: 'text' is missing or empty$"):
@@ -213,5 +225,6 @@ def test_hub_rows_are_checked_and_hub_failures_are_one_line(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError) as e:
         load_rotten_tomatoes("rotten_tomatoes")
-    assert str(e.value) == ("cannot load dataset 'rotten_tomatoes' from the hub (Couldn't reach the hub); give a local "
-                            "copy instead: dataset=DIR, a directory with train.jsonl, validation.jsonl, test.jsonl")
+    assert str(e.value) == ("cannot load dataset 'rotten_tomatoes' from the hub (Couldn't reach the hub); "
+                            "give a local copy instead: dataset=DIR, a directory with train.jsonl, "
+                            "validation.jsonl, test.jsonl")

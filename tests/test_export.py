@@ -22,16 +22,16 @@ IDX = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0
 @pytest.fixture(scope="module")
 def lora_run(hf_gpt2_dir, small_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora_run")
-    run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=2", "rank=8",
-              "alpha=32", "lr=1e-2")
+    run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=2",
+              "rank=8", "alpha=32", "lr=1e-2")
     return out
 
 
 @pytest.fixture(scope="module")
 def full_run(hf_gpt2_dir, small_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full_run")
-    run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=2", "rank=0",
-              "lr=1e-3")
+    run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=2",
+              "rank=0", "lr=1e-3")
     return out
 
 
@@ -46,7 +46,8 @@ def test_peft_loads_the_adapter_with_our_logits(lora_run, hf_gpt2_dir, tmp_path,
     from peft import PeftModel
     dest = tmp_path / "adapter"
     export.main([f"out_dir={lora_run}", "format=peft", f"dest={dest}"])
-    assert capsys.readouterr().out == f"wrote {dest} (PEFT LoRA adapter) from {lora_run / 'ckpt.pt'} (iteration 2)\n"
+    assert capsys.readouterr().out == (f"wrote {dest} (PEFT LoRA adapter) from {lora_run / 'ckpt.pt'} "
+                                       "(iteration 2)\n")
     assert sorted(os.listdir(dest)) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((dest / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (24, 96.0, ["c_attn"])
@@ -70,7 +71,8 @@ def greedy_continuations(hf, prompts, n):
 
 
 @pytest.mark.parametrize("run", ["lora_run", "full_run"])
-def test_merged_model_loads_in_transformers_with_our_logits_and_answers(run, request, small_data_dir, tmp_path):
+def test_merged_model_loads_in_transformers_with_our_logits_and_answers(run, request, small_data_dir,
+                                                                        tmp_path):
     out = request.getfixturevalue(run)
     dest = tmp_path / "merged"
     export.main([f"out_dir={out}", "ckpt=last", "format=hf", f"dest={dest}"])
@@ -81,26 +83,48 @@ def test_merged_model_loads_in_transformers_with_our_logits_and_answers(run, req
         torch.testing.assert_close(hf(IDX).logits, ours, rtol=0, atol=1e-5)
 
     records = load_rotten_tomatoes(str(small_data_dir))["test"][:12]
-    predicted = generate.predict_labels(model, records, "generate", defaults(generate.FLAGS), contextlib.nullcontext())
+    predicted = generate.predict_labels(model, records, "generate", defaults(generate.FLAGS),
+                                        contextlib.nullcontext())
     prompts = [encode_prompt(r["text"]) for r in records]
     enc = get_tokenizer()
-    expected = [enc.decode([t for t in tokens if t != 50256]) for tokens in greedy_continuations(hf, prompts, 5)]
+    expected = [enc.decode([t for t in tokens if t != 50256])
+                for tokens in greedy_continuations(hf, prompts, 5)]
     assert [p["continuation"] for p in predicted] == expected
     # the directory is a valid init_from: generate.py on it answers as on the checkpoint
-    generate.main([f"init_from={dest}", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'zero'}", "device=cpu"])
+    generate.main([f"init_from={dest}", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'zero'}",
+                   "device=cpu"])
     generate.main([f"out_dir={out}", "ckpt=last", "device=cpu"])
     from_dir = json.loads((tmp_path / "zero" / "results.json").read_text())["predictions"][0]["records"]
     from_run = json.loads((out / "results.json").read_text())["predictions"][0]["records"]
     assert [r["continuation"] for r in from_dir] == [r["continuation"] for r in from_run]
 
 
-def test_peft_needs_a_lora_run(full_run, tmp_path, capsys):
+@pytest.mark.parametrize("flags", [["format=peft"], ["format=hf", "base=gpt2"]])
+def test_peft_and_base_need_a_lora_run(full_run, tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as e:
-        export.main([f"out_dir={full_run}", "format=peft", f"dest={tmp_path / 'a'}"])
+        export.main([f"out_dir={full_run}", *flags, f"dest={tmp_path / 'a'}"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == (f"export.py: error: {full_run / 'ckpt.pt'} is not a LoRA run (it trained "
-                                       "every weight); export it with format=hf\n")
+    assert capsys.readouterr().err == (f"export.py: error: {full_run / 'ckpt.pt'} is not a LoRA run "
+                                       "(it trained every weight): it needs no base=, and exports with "
+                                       "format=hf\n")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_export_leaves_nothing_the_next_one_keeps(lora_run, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill while the tensors are written
+    real = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export.main([f"out_dir={lora_run}", "format=peft", f"dest={tmp_path / 'adapter'}"])
+    os.makedirs(tmp_path / ".adapter.export.tmp", exist_ok=True)  # as a SIGKILL would have left it
+    (tmp_path / ".adapter.export.tmp" / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    export.main([f"out_dir={lora_run}", "format=peft", f"dest={tmp_path / 'adapter'}"])
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no hidden temporary left beside it
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -108,12 +132,15 @@ def test_peft_needs_a_lora_run(full_run, tmp_path, capsys):
     (["ckpt=middle"], "ckpt='middle': must be best or last"),
     (["dest="], "dest= is required: the directory to write the export to"),
     (["dest={tmp}/full"], "dest='{tmp}/full' exists and is not empty; choose a new directory"),
-    (["dest={tmp}/full/keep.txt/x"], "dest='{tmp}/full/keep.txt/x' cannot be created: {tmp}/full/keep.txt is a file"),
+    (["dest={tmp}/full/keep.txt/x"],
+     "dest='{tmp}/full/keep.txt/x' cannot be created: {tmp}/full/keep.txt is a file"),
     (["dest={tmp}/link"], "dest='{tmp}/link' is a symbolic link; name a new directory"),
-    (["out_dir={tmp}/nothing"], "no checkpoint at {tmp}/nothing/ckpt.pt; make one with: python train.py out_dir={tmp}/nothing"),
+    (["out_dir={tmp}/nothing"],
+     "no checkpoint at {tmp}/nothing/ckpt.pt; make one with: python train.py out_dir={tmp}/nothing"),
     (["format=hf", "base={tmp}/nothing"], "base='{tmp}/nothing': no such directory"),
-    (["format=hf", "base={tmp}/full"], "base='{tmp}/full': cannot load GPT-2 weights from '{tmp}/full': expected gpt2, "
-                                       "gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a local Hugging Face GPT-2 directory ("),
+    (["format=hf", "base={tmp}/full"], "base='{tmp}/full': cannot load GPT-2 weights from '{tmp}/full': "
+                                       "expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a "
+                                       "local Hugging Face GPT-2 directory ("),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(lora_run, tmp_path, capsys, flags, message):
     (tmp_path / "full").mkdir()
@@ -132,7 +159,8 @@ def test_an_adapter_is_refused_on_another_base(lora_run, hf_gpt2_dir, small_data
     other = tmp_path / "other"
     save_random_hf_gpt2(other, seed=1)  # same shape, other weights
     fingerprint = load_checkpoint(lora_run / "ckpt.pt")["base"]["fingerprint"]
-    other_fingerprint = base_fingerprint(mark_trainable(GPT.from_pretrained(str(other), dict(lora_rank=8, lora_alpha=32.0))))
+    other_fingerprint = base_fingerprint(mark_trainable(
+        GPT.from_pretrained(str(other), dict(lora_rank=8, lora_alpha=32.0))))
     message = (f"the adapter was trained on {hf_gpt2_dir} (weights {fingerprint}), not on {other} "
                f"(weights {other_fingerprint}); give the base it was trained on")
     capsys.readouterr()

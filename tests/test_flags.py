@@ -18,15 +18,17 @@ def test_three_forms_aliases_hyphens():
     config, explicit = parse(["rank=16", "--alpha=64", "--lr", "1e-3", "--max-iters", "7", "lora-dropout=0.1",
                               "--mask_prompt", "false", "--compile", "out_dir='runs/a b'"])
     assert (config.lora_rank, config.lora_alpha, config.learning_rate) == (16, 64.0, 1e-3)
-    assert (config.max_iters, config.lora_dropout, config.mask_prompt, config.compile) == (7, 0.1, False, True)
+    assert ((config.max_iters, config.lora_dropout, config.mask_prompt, config.compile)
+            == (7, 0.1, False, True))
     assert config.out_dir == "runs/a b"
-    assert explicit == {"lora_rank", "lora_alpha", "learning_rate", "max_iters", "lora_dropout", "mask_prompt",
-                        "compile", "out_dir"}
+    assert explicit == {"lora_rank", "lora_alpha", "learning_rate", "max_iters", "lora_dropout",
+                        "mask_prompt", "compile", "out_dir"}
     assert config.batch_size == train.FLAGS["batch_size"][0]
 
 
 def run_cli(*args, script="train.py"):
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -37,7 +39,8 @@ def run_cli(*args, script="train.py"):
     (["compile=maybe"], "train.py: error: compile='maybe': expected true or false"),
     (["--lr"], "train.py: error: --lr needs a value"),
     (["-x"], "train.py: error: '-x' is not a flag (flags are key=value or --key=value; -h lists them)"),
-    (["config.py"], "train.py: error: 'config.py' is not a flag (flags are key=value or --key=value; -h lists them)"),
+    (["config.py"],
+     "train.py: error: 'config.py' is not a flag (flags are key=value or --key=value; -h lists them)"),
     (["rank=-1"], "train.py: error: lora_rank=-1: must be >= 0"),
     (["lora_dropout=1.0"], "train.py: error: lora_dropout=1.0: must be in [0, 1)"),
     (["max_iters=0"], "train.py: error: max_iters=0: must be positive"),
@@ -46,8 +49,10 @@ def run_cli(*args, script="train.py"):
     (["max_iters=2", "max_iters=3"], "train.py: error: max_iters is given twice (2 and 3); give it once"),
     (["beta2=1"], "train.py: error: beta2=1.0: must be in [0, 1)"),
     (["weight_decay=-0.1"], "train.py: error: weight_decay=-0.1: must be >= 0"),
-    (["device=cuda"], "train.py: error: device='cuda': CUDA is not available on this machine (use device=cpu)"),
-    (["dtype=float16"], "train.py: error: dtype='float16' needs CUDA; on this device use float32 or bfloat16"),
+    (["device=cuda"],
+     "train.py: error: device='cuda': CUDA is not available on this machine (use device=cpu)"),
+    (["dtype=float16"],
+     "train.py: error: dtype='float16' needs CUDA; on this device use float32 or bfloat16"),
     (["dtype=int8"], "train.py: error: dtype='int8': must be one of auto, float32, bfloat16, float16"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message, tmp_path, capsys):
@@ -81,7 +86,8 @@ def test_help_lists_every_flag_with_its_default(module, option, capsys):
 
 argument = st.one_of(
     st.text(max_size=20),
-    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(list(train.FLAGS) + ["rank", "lr", "nope"]), st.text(max_size=8)),
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(list(train.FLAGS) + ["rank", "lr", "nope"]),
+              st.text(max_size=8)),
     st.builds(lambda k: f"--{k}", st.sampled_from(list(train.FLAGS) + ["max-iters", "x"])),
 )
 

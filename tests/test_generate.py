@@ -23,10 +23,12 @@ from model import GPT, GPTConfig, KVCache
 
 
 @pytest.mark.parametrize("text, near_start, first_word", [
-    (" positive", 1, 1), ("Positive!", 1, 1), (" negative.", 0, 0), ("\n negative", 0, 0), (" NEGATIVE<|endoftext|>", 0, 0),
+    (" positive", 1, 1), ("Positive!", 1, 1), (" negative.", 0, 0), ("\n negative", 0, 0),
+    (" NEGATIVE<|endoftext|>", 0, 0),
     (' "positive"', 1, -1), (" (negative)", 0, -1), (" - positive", 1, -1), ("\n\npositive", 1, 1),
     (" neutral", -1, -1), ("", -1, -1), ("   ", -1, -1), (" positively", 1, -1), (" not positive", 1, -1),
-    (" negative positive", 0, 0), (" positive, not negative", 1, 1), (" pos", -1, -1), ("positive,", 1, 1), (" 1", -1, -1),
+    (" negative positive", 0, 0), (" positive, not negative", 1, 1), (" pos", -1, -1), ("positive,", 1, 1),
+    (" 1", -1, -1),
     (" it is a film that feels negative", -1, -1),  # the label begins past the first 20 characters
     (" a film, feels negative", 0, -1),             # ... and here within them
 ])
@@ -52,10 +54,13 @@ def test_batched_greedy_equals_one_at_a_time(lora_model, shared, monkeypatch):
     lengths = ([1, 0] if shared else []) + torch.randint(3, 60, (48,), generator=generator).tolist()
     prompts = [start + torch.randint(0, 50257, (n,), generator=generator).tolist() for n in lengths]
     expanded = []
-    monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    monkeypatch.setattr(KVCache, "expand",
+                        lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
     stop = (50256, 198)
-    assert common_start(prompts) == (18 if shared else 0)  # one prompt is the start alone: one token of it is its own
-    batched = lora_model.generate_batch(prompts, 8, temperature=0.0, stop_tokens=stop, shared=common_start(prompts))
+    # one prompt is the start alone: one token of it is its own
+    assert common_start(prompts) == (18 if shared else 0)
+    batched = lora_model.generate_batch(prompts, 8, temperature=0.0, stop_tokens=stop,
+                                        shared=common_start(prompts))
     assert expanded == ([len(prompts)] if shared else [])  # a common start is computed once
     for prompt, got in zip(prompts, batched):
         full = greedy_one_at_a_time(lora_model, prompt, 8)
@@ -146,7 +151,8 @@ def test_generate_evaluates_both_checkpoints(trained_run, capsys):
         assert (row["checkpoint"], row["method"]) == (pred_set["checkpoint"], pred_set["method"])
         assert len(pred_set["records"]) == row["total"] == 64
         assert summarize(pred_set["records"]) == {k: row[k] for k in summarize(pred_set["records"])}
-        fields = {"text", "label", "continuation", "prediction"} | ({"p_positive"} if row["method"] == "logprob" else set())
+        fields = ({"text", "label", "continuation", "prediction"}
+                  | ({"p_positive"} if row["method"] == "logprob" else set()))
         assert all(set(r) == fields for r in pred_set["records"])
 
 
@@ -158,7 +164,8 @@ def test_zero_shot_on_a_local_directory(hf_gpt2_dir, small_data_dir, tmp_path, c
     assert f"Zero-shot {hf_gpt2_dir} || Accuracy: " in out
     assert sorted(os.listdir(tmp_path)) == [".lock", "last_evaluation.json"]
     results = json.loads((tmp_path / "last_evaluation.json").read_text())  # not a test result
-    assert results["split"] == "validation" and results["results"][0]["total"] == 64 and results["complete"] is False
+    assert (results["split"] == "validation" and results["results"][0]["total"] == 64
+            and results["complete"] is False)
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
@@ -166,29 +173,35 @@ def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
         generate.main([f"out_dir={tmp_path}", "device=cpu"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"generate.py: error: no checkpoint at {tmp_path / 'ckpt.pt'}; make one with: python train.py out_dir={tmp_path}")
+        f"generate.py: error: no checkpoint at {tmp_path / 'ckpt.pt'}; make one with: "
+        f"python train.py out_dir={tmp_path}")
     (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
     with pytest.raises(SystemExit) as e:
         generate.main([f"out_dir={tmp_path}", "ckpt=best", "device=cpu"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
     assert err.startswith(f"generate.py: error: {tmp_path / 'ckpt.pt'} is corrupt or truncated (")
-    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt"]  # the lock comes first, before anything is read
+    # the lock comes first, before anything is read
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt"]
 
 
-def test_checkpoint_template_is_the_default_and_sampling_is_seeded(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+def test_checkpoint_template_is_the_default_and_sampling_is_seeded(hf_gpt2_dir, small_data_dir, tmp_path,
+                                                                   capsys):
     out = tmp_path / "question"
     run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}", "max_iters=1",
               "rank=8", "prompt_template=question")
     generate.main([f"out_dir={out}", "ckpt=last", "device=cpu"])
-    assert json.loads((out / "results.json").read_text())["results"][0]["settings"]["prompt_template"] == "question"
+    assert (json.loads((out / "results.json").read_text())["results"][0]["settings"]["prompt_template"]
+            == "question")
     sampled = []
     for _ in range(2):
         generate.main([f"out_dir={out}", "ckpt=last", "device=cpu", "temperature=1.5", "top_k=50", "seed=7"])
-        sampled.append([r["continuation"] for r in json.loads((out / "last_evaluation.json").read_text())["predictions"][0]["records"]])
+        sampled.append([r["continuation"] for r in json.loads(
+            (out / "last_evaluation.json").read_text())["predictions"][0]["records"]])
     assert sampled[0] == sampled[1]
     generate.main([f"out_dir={out}", "ckpt=last", "device=cpu"])
-    greedy = [r["continuation"] for r in json.loads((out / "results.json").read_text())["predictions"][0]["records"]]
+    greedy = [r["continuation"]
+              for r in json.loads((out / "results.json").read_text())["predictions"][0]["records"]]
     assert greedy != sampled[0]
 
 
@@ -209,7 +222,8 @@ def test_classify_your_own_reviews(trained_run, tmp_path, monkeypatch, capsys):
         with torch.no_grad():
             logits = model(torch.tensor([prompt]))[0][0, -1]
         p_positive = torch.sigmoid(logits[3967] - logits[4633]).item()
-        answer = predict_labels(model, [dict(text=review, label=None)], "generate", settings(), CPU)[0]["continuation"]
+        answer = predict_labels(model, [dict(text=review, label=None)], "generate",
+                                settings(), CPU)[0]["continuation"]
         label = {1: "positive", 0: "negative", -1: "unparseable"}[parse_label(answer)]
         assert line == (f"{label:<11}  p(positive)={p_positive:.3f}  "
                         f"answer={json.dumps(answer)}  {review}")
@@ -220,7 +234,9 @@ def test_classify_nothing_is_a_usage_error(trained_run, tmp_path, capsys):
     out, _ = trained_run
     (tmp_path / "empty.txt").write_text("\n  \n")
     for flag, message in ((f"file={tmp_path / 'empty.txt'}", "text= and file= hold no review to classify"),
-                          (f"file={tmp_path / 'missing.txt'}", f"file='{tmp_path / 'missing.txt'}': cannot read it (No such file or directory)")):
+                          (f"file={tmp_path / 'missing.txt'}",
+                           f"file='{tmp_path / 'missing.txt'}': cannot read it "
+                           "(No such file or directory)")):
         with pytest.raises(SystemExit) as e:
             generate.main([f"out_dir={out}", flag, "device=cpu"])
         assert e.value.code == 2 and capsys.readouterr().err == f"generate.py: error: {message}\n"
@@ -250,7 +266,8 @@ class Scripted:
     ([3967, 50256, 4633], " positive", 1, 1),        # <|endoftext|> does
     ([198, 8500, 1000, 1001, 1002, 4633], "\n neutralale Se If", -1, -1),  # max_new_tokens=5 ends it first
 ])
-def test_answers_are_read_up_to_max_new_tokens_or_the_end_of_text(answer, continuation, near_start, first_word):
+def test_answers_are_read_up_to_max_new_tokens_or_the_end_of_text(answer, continuation, near_start,
+                                                                   first_word):
     records = [dict(text="a film", label=1), dict(text="another film , longer", label=0)]
     model = Scripted(answer)
     for rule, expected in (("near_start", near_start), ("first_word", first_word)):
@@ -262,9 +279,10 @@ def test_answers_are_read_up_to_max_new_tokens_or_the_end_of_text(answer, contin
 def test_num_examples_is_the_same_random_sample_of_both_labels(hf_gpt2_dir, data_dir, tmp_path):
     picked = []
     for _ in range(2):
-        generate.main([f"init_from={hf_gpt2_dir}", f"dataset={data_dir}", f"out_dir={tmp_path}", "num_examples=40",
-                       "device=cpu", "method=logprob"])
-        picked.append([r["text"] for r in json.loads((tmp_path / "last_evaluation.json").read_text())["predictions"][0]["records"]])
+        generate.main([f"init_from={hf_gpt2_dir}", f"dataset={data_dir}", f"out_dir={tmp_path}",
+                       "num_examples=40", "device=cpu", "method=logprob"])
+        picked.append([r["text"] for r in json.loads(
+            (tmp_path / "last_evaluation.json").read_text())["predictions"][0]["records"]])
     test = load_rotten_tomatoes(str(data_dir))["test"]
     assert picked[0] == picked[1] and len(set(picked[0])) == 40
     labels = {r["text"]: r["label"] for r in test}

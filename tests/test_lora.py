@@ -30,7 +30,8 @@ def test_construction_shapes_and_flags():
     assert layer.lora_scaling == 2.5
     assert isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p == 0.25
     assert not layer.lora_A.requires_grad and not layer.lora_B.requires_grad
-    assert "lora_rank=4" in repr(layer) and "lora_alpha=10" in repr(layer) and "lora_dropout=0.25" in repr(layer)
+    assert ("lora_rank=4" in repr(layer) and "lora_alpha=10" in repr(layer)
+            and "lora_dropout=0.25" in repr(layer))
 
 
 def test_seeded_draws_follow_the_documented_order():
@@ -81,7 +82,8 @@ def test_dropout_applies_only_to_the_lora_input():
     out = layer(x)
     torch.manual_seed(0)
     dropped = nn.functional.dropout(x, 0.5, training=True)
-    expected = nn.functional.linear(x, layer.weight, layer.bias) + layer.lora_scaling * (dropped @ layer.lora_A.T @ layer.lora_B.T)
+    expected = (nn.functional.linear(x, layer.weight, layer.bias)
+                + layer.lora_scaling * (dropped @ layer.lora_A.T @ layer.lora_B.T))
     torch.testing.assert_close(out, expected)
 
 

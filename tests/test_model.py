@@ -62,7 +62,8 @@ def test_loading_skips_the_random_init_and_seeds_the_lora_init(hf_gpt2_dir, monk
     torch.manual_seed(3)
     model = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=16.0))
     mark_only_lora_as_trainable(model)
-    copy = load_model(checkpoint_of(model, dict(init_from=str(hf_gpt2_dir), fingerprint=base_fingerprint(model))))
+    copy = load_model(checkpoint_of(model, dict(init_from=str(hf_gpt2_dir),
+                                                fingerprint=base_fingerprint(model))))
     assert initialised and set(initialised) == {"meta"}  # GPT-2's random init touched no real weight
     torch.manual_seed(3)
     again = GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=16.0))
@@ -90,7 +91,8 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
         idx[i, :len(row)] = torch.tensor(row)
         targets[i, len(row) - 3:len(row) - 1] = idx[i, len(row) - 2:len(row)]
     expanded = []
-    monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    monkeypatch.setattr(KVCache, "expand",
+                        lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
     model.eval()
     shared = common_start(rows)
     assert shared == 19
@@ -103,9 +105,11 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
     keep = targets != -100
     assert none is None
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep], reduction="sum"))
-    torch.testing.assert_close(unshared_loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep],
-                                                                                 reduction="sum"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep], reduction="sum"))
+    torch.testing.assert_close(
+        unshared_loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep], reduction="sum"),
+        rtol=0, atol=0)
     model(idx)
     assert expanded == [4, 4]  # shared=0 computes every row whole
 
@@ -147,12 +151,15 @@ def loss_and_gradients(model, idx, targets, shared, dtype="float32"):
 
 @pytest.mark.parametrize("rows", list(ROWS))
 @pytest.mark.parametrize("rank", [8, 0])
-def test_training_computes_the_common_start_once_with_the_same_loss_and_gradients(hf_gpt2_dir, rows, rank, monkeypatch):
+def test_training_computes_the_common_start_once_with_the_same_loss_and_gradients(hf_gpt2_dir, rows, rank,
+                                                                                  monkeypatch):
     model, idx, targets, shared = training_model_and_batch(hf_gpt2_dir, rows, rank)
     assert shared == ROWS[rows][0]
     expanded = []
-    monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
-    results = {share: loss_and_gradients(model, idx, targets, shared if share else 0) for share in (True, False)}
+    monkeypatch.setattr(KVCache, "expand",
+                        lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    results = {share: loss_and_gradients(model, idx, targets, shared if share else 0)
+               for share in (True, False)}
     assert expanded == ([4] if ROWS[rows][0] else [])  # the common start was computed once, as a batch of one
     (shared_loss, shared_grads), (loss, grads) = results[True], results[False]
     torch.testing.assert_close(shared_loss, loss, rtol=0, atol=1e-5)
@@ -167,8 +174,10 @@ def test_under_autocast_the_shared_start_is_as_accurate_as_every_row_whole(hf_gp
     model, idx, targets, start = training_model_and_batch(hf_gpt2_dir, "a shared start", rank=8)
     exact_loss, exact = loss_and_gradients(model, idx, targets, 0)
     expanded = []
-    monkeypatch.setattr(KVCache, "expand", lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
-    (shared_loss, shared), (whole_loss, whole) = (loss_and_gradients(model, idx, targets, n, dtype) for n in (start, 0))
+    monkeypatch.setattr(KVCache, "expand",
+                        lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    (shared_loss, shared), (whole_loss, whole) = (loss_and_gradients(model, idx, targets, n, dtype)
+                                                  for n in (start, 0))
     assert expanded == [4]
     assert abs(shared_loss - exact_loss) <= 2 * abs(whole_loss - exact_loss) + 1e-3 * exact_loss
     for name, grad in exact.items():  # rounding of the lower precision, and nothing more
@@ -202,7 +211,8 @@ def test_lora_model_with_trained_B_merges_and_demerges(hf_gpt2_dir):
 
 
 def test_only_lora_gets_gradients_in_a_gpt(hf_gpt2_dir):
-    model = mark_only_lora_as_trainable(GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=4, lora_alpha=8.0)))
+    model = mark_only_lora_as_trainable(
+        GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=4, lora_alpha=8.0)))
     idx = torch.randint(0, 50257, (2, 10))
     _, loss = model(idx[:, :-1], idx[:, 1:])
     loss.backward()
@@ -254,9 +264,9 @@ def test_unknown_name_and_empty_directory_are_clear_errors(tmp_path, monkeypatch
     for name in (str(tmp_path), "no-such-model-xyz"):
         with pytest.raises(UsageError) as e, loading_weights("init_from", name):
             GPT.from_pretrained(name)
-        assert str(e.value).startswith(f"init_from={name!r}: cannot load GPT-2 weights from {name!r}: expected gpt2, "
-                                       "gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a local Hugging Face GPT-2 "
-                                       "directory (")
+        assert str(e.value).startswith(f"init_from={name!r}: cannot load GPT-2 weights from {name!r}: "
+                                       "expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a "
+                                       "local Hugging Face GPT-2 directory (")
         assert str(e.value).endswith("; a local copy works too: init_from=DIR") and "\n" not in str(e.value)
     with pytest.raises(AssertionError):  # only dropout and LoRA's settings may differ from the checkpoint's
         GPT.from_pretrained(str(tmp_path), dict(n_layer=3))

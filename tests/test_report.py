@@ -10,6 +10,8 @@ import pytest
 import nbformat
 from nbclient import NotebookClient
 
+from conftest import last_wins
+from harness.flags import parse_flags
 from tools import report
 from harness.checkpoints import load_checkpoint
 from conftest import KILLER, ROOT, save_random_hf_gpt2
@@ -19,8 +21,8 @@ TINY = "batch_size=8 gradient_accumulation_steps=2 eval_interval=1"
 
 
 def run_report(results, hf_dir, data_dir, *flags):
-    cmd = [sys.executable, "-m", "tools.report", f"results_dir={results}", f"init_from={hf_dir}", f"dataset={data_dir}",
-           "device=cpu", "max_iters=2", f"extra={TINY}", *flags]
+    cmd = [sys.executable, "-m", "tools.report", f"results_dir={results}", f"init_from={hf_dir}",
+           f"dataset={data_dir}", "device=cpu", "max_iters=2", f"extra={TINY}", *flags]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -34,9 +36,10 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     results = tmp_path / "results"
     # the full run as report.py starts it, killed at its second evaluation (after iteration 1)
     killed = subprocess.run(
-        [sys.executable, "-c", KILLER, "validation_loss", "2", *report.RUNS["full"][1].split(), f"out_dir={results / 'full'}",
-         "resume=auto", "eval_test=true", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", "device=cpu",
-         *TINY.split(), "max_iters=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-c", KILLER, "validation_loss", "2", *report.RUNS["full"][1].split(),
+         f"out_dir={results / 'full'}", "resume=auto", "eval_test=true", f"init_from={hf_gpt2_dir}",
+         f"dataset={small_data_dir}", "device=cpu", *TINY.split(), "max_iters=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
 
     out = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full")
@@ -51,9 +54,11 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
         cells = [c.strip() for c in rows[0].strip("|").split("|")]
         assert cells[3:6] == [f"{best['accuracy']:.4f}", f"{last['accuracy']:.4f}",
                               f"{best['unparseable']} / {last['unparseable']}"]
-        assert cells[6] == ("12,288 of 3,345,216 (0.37%)" if run == "r16_a64" else "3,332,928 of 3,332,928 (100.00%)")
+        assert cells[6] == ("12,288 of 3,345,216 (0.37%)" if run == "r16_a64"
+                            else "3,332,928 of 3,332,928 (100.00%)")
         assert cells[7] == "2" and cells[9] == "cpu"
-    assert table_rows(markdown, report.LABELS["r196_a784"]) == [f"| {report.LABELS['r196_a784']} | not run yet | | | | | | | | |"]
+    assert table_rows(markdown, report.LABELS["r196_a784"]) == [
+        f"| {report.LABELS['r196_a784']} | not run yet | | | | | | | | |"]
     zero = json.loads((results / "zero_shot" / "results.json").read_text())["results"][0]
     assert f"| {hf_gpt2_dir} | {zero['accuracy']:.4f} | {zero['unparseable']} | cpu |" in markdown
     full_metrics = read_metrics(results / "full" / "metrics.jsonl")
@@ -62,14 +67,16 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
 
     stamps = {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")}
     again = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full")
-    assert "zero-shot: done already" in again and "r16_a64: done already" in again and "full: done already" in again
+    assert ("zero-shot: done already" in again and "r16_a64: done already" in again
+            and "full: done already" in again)
     assert "train.py" not in again
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")} == stamps
 
     plotted = json.loads((results / "val_loss.json").read_text())
     for run in ("r16_a64", "full"):
         metrics = read_metrics(results / run / "metrics.jsonl")
-        assert plotted["val_loss.png"][report.LABELS[run]] == [[r["iter"], r["val_loss"]] for r in metrics if "val_loss" in r]
+        assert plotted["val_loss.png"][report.LABELS[run]] == [[r["iter"], r["val_loss"]]
+                                                               for r in metrics if "val_loss" in r]
     assert set(plotted["val_loss_alpha.png"]) == {report.LABELS["r16_a64"], report.LABELS["full"]}
     for name in ("val_loss.png", "val_loss_alpha.png"):
         image = matplotlib.image.imread(results / name)
@@ -79,22 +86,63 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     ('lr="1e-3', "extra='lr=\"1e-3': No closing quotation"),
     ("foo=1", "extra='foo=1': unknown flag 'foo' (-h lists the flags)"),
-    ("lr=fast", "learning_rate='fast': expected a number"),
-    ("out_dir=/elsewhere resume=off", "extra='out_dir=/elsewhere resume=off': out_dir, resume: report.py sets these itself "
-                                     "(results_dir=, overwrite=)"),
+    ("lr=fast", "extra='lr=fast': learning_rate='fast': expected a number"),
+    ("out_dir=/elsewhere resume=off",
+     "extra='out_dir=/elsewhere resume=off': out_dir, resume: report.py or the grid's runs set these "
+     "(results_dir=, runs=, init_from=, dataset=, device=, max_iters=)"),
+    ("eval_test=false", "extra='eval_test=false': eval_test: report.py or the grid's runs set these "
+                        "(results_dir=, runs=, init_from=, dataset=, device=, max_iters=)"),
+    ("--lora-rank 8", "extra='--lora-rank 8': lora_rank: report.py or the grid's runs set these "
+                      "(results_dir=, runs=, init_from=, dataset=, device=, max_iters=)"),
 ])
 def test_bad_extra_flags_are_one_line(tmp_path, extra, message):
-    result = subprocess.run([sys.executable, "-m", "tools.report", f"results_dir={tmp_path}", "zero_shot=false", f"extra={extra}"],
+    result = subprocess.run([sys.executable, "-m", "tools.report", f"results_dir={tmp_path}",
+                             "zero_shot=false", f"extra={extra}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (2, f"report.py: error: {message}\n")
     assert os.listdir(tmp_path) == []
 
 
+def test_extra_takes_train_py_flags_in_every_form(tmp_path):
+    config, _ = parse_flags("report.py", report.FLAGS, [f"results_dir={tmp_path}", "extra=--lr 1e-3 --compile"])
+    argv = report.train_argv(config, "r16_a64")
+    assert "learning_rate=0.001" in argv and "compile=True" in argv and "lora_rank=16" in argv
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["init_from={tmp}/missing"], "init_from='{tmp}/missing': no such directory"),
+    (["device=cuda"], "device='cuda': CUDA is not available on this machine (use device=cpu)"),
+    (["results_dir={tmp}/file/results"], "results_dir='{tmp}/file/results' cannot be created: {tmp}/file is a file"),
+    (["runs=r16_a64,r128_a512"], "runs=r128_a512: lora_rank=128 is more than the 64-wide layers of {hf}; choose "
+                                 "other runs or another init_from"),
+])
+def test_what_the_flags_tell_stops_report_before_its_first_command(hf_gpt2_dir, small_data_dir, tmp_path, flags,
+                                                                   message):
+    (tmp_path / "file").write_text("")
+    cmd = [sys.executable, "-m", "tools.report", f"results_dir={tmp_path / 'results'}", f"init_from={hf_gpt2_dir}",
+           f"dataset={small_data_dir}", "device=cpu"]
+    result = subprocess.run(last_wins(*cmd, *(f.format(tmp=tmp_path) for f in flags)), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (2, f"report.py: error: {message.format(tmp=tmp_path, hf=hf_gpt2_dir)}\n")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_a_command_that_refuses_is_passed_on_as_its_one_line(hf_gpt2_dir, small_data_dir, tmp_path):
+    (tmp_path / "r16_a64").write_text("not a run")  # train.py refuses such an out_dir
+    cmd = [sys.executable, "-m", "tools.report", f"results_dir={tmp_path}", f"init_from={hf_gpt2_dir}",
+           f"dataset={small_data_dir}", "device=cpu", "runs=r16_a64", "zero_shot=false"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (2, f"train.py: error: out_dir={str(tmp_path / 'r16_a64')!r} is "
+                                                     "a file, not a directory\n")
+
+
 def test_unknown_run_is_a_usage_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tools.report", "runs=r16_a64,r99", f"results_dir={tmp_path}"],
+    result = subprocess.run([sys.executable, "-m", "tools.report", "runs=r16_a64,r99",
+                             f"results_dir={tmp_path}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.startswith("report.py: error: runs='r16_a64,r99': expected all or a comma-separated list of r16_a64")
+    assert result.stderr.startswith("report.py: error: runs='r16_a64,r99': expected all or a "
+                                    "comma-separated list of r16_a64")
     assert os.listdir(tmp_path) == []
 
 
@@ -107,18 +155,21 @@ def notebook(**parameters):
 
 
 def execute(nb, cwd):
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(cwd)}}).execute()
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
 def test_colab_notebook_runs_from_uploaded_files_and_again(hf_gpt2_dir, data_dir, tmp_path):
     content = tmp_path / "content"  # the upload zip, uploaded through Colab's file panel
     content.mkdir()
-    made = subprocess.run([sys.executable, "-m", "tools.report", "submission", str(content / "submission.zip")],
+    made = subprocess.run([sys.executable, "-m", "tools.report", "submission",
+                           str(content / "submission.zip")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     parameters = dict(REPO_URL="", MODEL=str(hf_gpt2_dir), MAX_ITERS=2, RUNS="r16_a64", RESULTS_DIR="results",
-                      USE_DRIVE=False, DATASET=str(data_dir), DEVICE="cpu", EXTRA=TINY + " eval_iters=2", USE_WANDB=False)
+                      USE_DRIVE=False, DATASET=str(data_dir), DEVICE="cpu", EXTRA=TINY + " eval_iters=2",
+                      USE_WANDB=False)
     nb = notebook(**parameters)
     printed = execute(nb, content)
     results = content / "results"
@@ -130,8 +181,10 @@ def test_colab_notebook_runs_from_uploaded_files_and_again(hf_gpt2_dir, data_dir
             assert ("not run yet" in row) == (run != "r16_a64")
     plotted = json.loads((results / "val_loss.json").read_text())
     assert list(plotted["val_loss.png"]) == list(plotted["val_loss_alpha.png"]) == [report.LABELS["r16_a64"]]
-    shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "display_data"]
-    assert sum("image/png" in o["data"] for o in shown) == 2 and sum("text/markdown" in o["data"] for o in shown) == 1
+    shown = [o for c in nb.cells if c.cell_type == "code"
+             for o in c.outputs if o.get("output_type") == "display_data"]
+    assert (sum("image/png" in o["data"] for o in shown) == 2
+            and sum("text/markdown" in o["data"] for o in shown) == 1)
 
     stamps = {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")}
     again = execute(notebook(**parameters), content)  # Run all once more, as after a disconnect
@@ -157,13 +210,14 @@ def test_a_run_is_reused_only_with_the_settings_asked_for(hf_gpt2_dir, small_dat
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     other = tmp_path / "other_model"
     save_random_hf_gpt2(other, seed=1)
-    cmd = [sys.executable, "-m", "tools.report", f"results_dir={results}", f"init_from={other}", f"dataset={small_data_dir}",
-           "device=cpu", "max_iters=2", f"extra={TINY}", "runs=r16_a64", "zero_shot=false"]
+    cmd = [sys.executable, "-m", "tools.report", f"results_dir={results}", f"init_from={other}",
+           f"dataset={small_data_dir}", "device=cpu", "max_iters=2", f"extra={TINY}", "runs=r16_a64",
+           "zero_shot=false"]
     refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2
-    assert refused.stderr == (f"report.py: error: {run_dir} holds a run with other settings (init_from={str(hf_gpt2_dir)!r} "
-                              f"there, {str(other)!r} asked for now); replace it with overwrite=true, or choose another "
-                              "results_dir\n")
+    assert refused.stderr == (f"report.py: error: {run_dir} holds a run with other settings "
+                              f"(init_from={str(hf_gpt2_dir)!r} there, {str(other)!r} asked for now); "
+                              "replace it with overwrite=true, or choose another results_dir\n")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
     out = run_report(results, other, small_data_dir, "runs=r16_a64", "zero_shot=false", "overwrite=true")
     assert "done already" not in out
@@ -172,24 +226,28 @@ def test_a_run_is_reused_only_with_the_settings_asked_for(hf_gpt2_dir, small_dat
     assert markdown.startswith(f"# Results: {other}\n")
     saved = json.loads((run_dir / "results.json").read_text())["results"]
     best = next(r for r in saved if r["checkpoint"] == "Best Val Checkpoint")
-    assert table_rows(markdown, report.LABELS["r16_a64"])[0].split("|")[4].strip() == f"{best['accuracy']:.4f}"
+    assert (table_rows(markdown, report.LABELS["r16_a64"])[0].split("|")[4].strip()
+            == f"{best['accuracy']:.4f}")
 
 
 def test_submission_zip_holds_every_file_the_scripts_need_and_no_key(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tools.report", "submission", str(tmp_path / "submission.zip")],
+    result = subprocess.run([sys.executable, "-m", "tools.report", "submission",
+                             str(tmp_path / "submission.zip")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     with zipfile.ZipFile(tmp_path / "submission.zip") as z:
         names = z.namelist()
         z.extractall(tmp_path / "unzipped")
-    harness = [f"harness/{name}" for name in ("__init__.py", "checkpoints.py", "device.py", "flags.py", "run.py")]
-    assert sorted(names) == sorted([*report.GRADED, *harness, "tools/__init__.py", "tools/report.py", "requirements.txt",
-                                    "run_in_colab.ipynb"])  # never wandb_api.json: a key may be pasted there
+    harness = [f"harness/{name}"
+               for name in ("__init__.py", "checkpoints.py", "device.py", "flags.py", "run.py")]
+    # never wandb_api.json: a key may be pasted there
+    assert sorted(names) == sorted([*report.GRADED, *harness, "tools/__init__.py", "tools/report.py",
+                                    "requirements.txt", "run_in_colab.ipynb"])
     for name in names:  # flat, as the course's upload wants, and the files as they are here
         assert (tmp_path / "unzipped" / name).read_bytes() == (ROOT / name).read_bytes()
     # nothing else is needed: the scripts import and show their help from the unzipped files alone
     for script in (["train.py"], ["generate.py"], ["-m", "tools.report"]):
-        shown = subprocess.run([sys.executable, *script, "-h"], cwd=tmp_path / "unzipped", capture_output=True,
-                               text=True, timeout=120)
+        shown = subprocess.run([sys.executable, *script, "-h"], cwd=tmp_path / "unzipped",
+                               capture_output=True, text=True, timeout=120)
         name = script[-1].replace("tools.", "") + ".py" * (script[0] == "-m")
         assert shown.returncode == 0 and shown.stdout.startswith(f"usage: python {name}"), shown.stderr

@@ -63,9 +63,11 @@ def write_dataset(path, **overrides):
     (["eval_interval=0"], "eval_interval=0: must be positive"),
     (["device=cuda"], "device='cuda': CUDA is not available on this machine (use device=cpu)"),
     (["resume=sometimes"], "resume='sometimes': must be off or auto"),
-    ([], "out_dir={out!r} holds an earlier run; continue it with resume=auto, replace it with overwrite=true, or choose another out_dir"),
+    ([], "out_dir={out!r} holds an earlier run; continue it with resume=auto, replace it with "
+         "overwrite=true, or choose another out_dir"),
 ])
-def test_usage_errors_leave_out_dir_untouched(finished_run, hf_gpt2_dir, small_data_dir, capsys, flags, message):
+def test_usage_errors_leave_out_dir_untouched(finished_run, hf_gpt2_dir, small_data_dir, capsys, flags,
+                                              message):
     out, before = finished_run
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -78,8 +80,10 @@ def test_usage_errors_leave_out_dir_untouched(finished_run, hf_gpt2_dir, small_d
 @pytest.mark.parametrize("overrides, message", [
     (dict(test=None), "test split: {d}/test.jsonl does not exist"),
     (dict(validation="\n"), "validation split: {d}/validation.jsonl holds no examples"),
-    (dict(train='{"text": "ok", "label": 1}\n{"text": "ok" "label": 0}\n'), "train split: {d}/train.jsonl:2: malformed JSON ("),
-    (dict(train='{"text": "ok", "label": 3}\n'), "train split: {d}/train.jsonl:1: 'label' must be 0 or 1, got 3"),
+    (dict(train='{"text": "ok", "label": 1}\n{"text": "ok" "label": 0}\n'),
+     "train split: {d}/train.jsonl:2: malformed JSON ("),
+    (dict(train='{"text": "ok", "label": 3}\n'),
+     "train split: {d}/train.jsonl:1: 'label' must be 0 or 1, got 3"),
     (dict(test='{"label": 1}\n'), "test split: {d}/test.jsonl:1: 'text' is missing or empty"),
     (dict(train=b'{"text": "\xff", "label": 1}\n'), "train split: {d}/train.jsonl is not UTF-8 ("),
 ])
@@ -97,7 +101,8 @@ def test_bad_data_names_split_and_line(finished_run, hf_gpt2_dir, tmp_path, caps
 
 def test_missing_dataset_directory(hf_gpt2_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        run_train(f"init_from={hf_gpt2_dir}", f"dataset={tmp_path}/nope", f"out_dir={tmp_path / 'o'}", "rank=8")
+        run_train(f"init_from={hf_gpt2_dir}", f"dataset={tmp_path}/nope", f"out_dir={tmp_path / 'o'}",
+                  "rank=8")
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == f"train.py: error: dataset='{tmp_path}/nope': no such directory"
     assert not (tmp_path / "o").exists()
@@ -106,7 +111,8 @@ def test_missing_dataset_directory(hf_gpt2_dir, tmp_path, capsys):
 def test_out_dir_that_is_a_file_or_under_a_file(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
     (tmp_path / "f").write_text("keep me")
     for out, message in ((tmp_path / "f", f"out_dir='{tmp_path}/f' is a file, not a directory"),
-                         (tmp_path / "f" / "run", f"out_dir='{tmp_path}/f/run' cannot be created: {tmp_path}/f is a file")):
+                         (tmp_path / "f" / "run",
+                          f"out_dir='{tmp_path}/f/run' cannot be created: {tmp_path}/f is a file")):
         with pytest.raises(SystemExit) as e:
             run_train(f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={out}")
         assert e.value.code == 2
@@ -131,25 +137,27 @@ class FullDisk:
         return getattr(self.f, name)
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoints(finished_run, hf_gpt2_dir, small_data_dir, capsys,
-                                                               monkeypatch):
+def test_disk_full_while_saving_keeps_the_previous_checkpoints(finished_run, hf_gpt2_dir, small_data_dir,
+                                                               capsys, monkeypatch):
     out, before = finished_run
     real_save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: real_save(obj, FullDisk(f), *args, **kwargs))
+    monkeypatch.setattr(torch, "save",
+                        lambda obj, f, *args, **kwargs: real_save(obj, FullDisk(f), *args, **kwargs))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"train.py: error: could not write {out}/ckpt.pt (No space left on device); the previous file, if any, is intact")
+        f"train.py: error: could not write {out}/ckpt.pt (No space left on device); the previous file, "
+        "if any, is intact")
     after = files(out)
     for name in ("ckpt.pt", "ckpt_last.pt"):
         assert after[name] == before[name]
     assert not list(out.glob(".*.tmp"))
 
 
-def test_an_out_dir_that_refuses_new_files_is_one_line_naming_the_file(finished_run, hf_gpt2_dir, small_data_dir,
-                                                                        capsys, monkeypatch):
+def test_an_out_dir_that_refuses_new_files_is_one_line_naming_the_file(finished_run, hf_gpt2_dir,
+                                                                        small_data_dir, capsys, monkeypatch):
     out, before = finished_run  # as a directory made immutable (chattr +i) while a run holds it
 
     def refuse(*args, **kwargs):
@@ -160,8 +168,8 @@ def test_an_out_dir_that_refuses_new_files_is_one_line_naming_the_file(finished_
         run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"train.py: error: could not write {out}/metrics.jsonl (Operation not permitted); the previous file, if any, "
-        "is intact")
+        f"train.py: error: could not write {out}/metrics.jsonl (Operation not permitted); the previous "
+        "file, if any, is intact")
     assert files(out) == before
 
 
@@ -208,7 +216,8 @@ def test_checkpoint_carrying_pickled_code_is_refused(finished_run, capsys):
         generate.main([f"out_dir={out}", "ckpt=best", "device=cpu"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"generate.py: error: {out}/ckpt.pt needs pickled code to load; refused (only tensors and plain data are loaded, for safety)")
+        f"generate.py: error: {out}/ckpt.pt needs pickled code to load; refused (only tensors and plain "
+        "data are loaded, for safety)")
 
 
 def test_checkpoint_of_another_format_version_is_refused(finished_run):
@@ -231,8 +240,9 @@ def test_unknown_model_name_is_one_line(tmp_path, small_data_dir, capsys, monkey
         run_train("init_from=gpt2-mediun", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'o'}")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
-    assert err.startswith("train.py: error: init_from='gpt2-mediun': cannot load GPT-2 weights from 'gpt2-mediun': "
-                          "expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id or a local Hugging Face GPT-2 directory")
+    assert err.startswith("train.py: error: init_from='gpt2-mediun': cannot load GPT-2 weights from "
+                          "'gpt2-mediun': expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, a GPT-2 hub id "
+                          "or a local Hugging Face GPT-2 directory")
     assert not (tmp_path / "o").exists()
 
 
@@ -259,30 +269,37 @@ def test_unreachable_hub_or_missing_files_fail_at_once_naming_the_flag(hf_gpt2_d
     out = f"out_dir={tmp_path / 'o'}"
     cases = [
         (("train.py", "init_from=gpt2-medium", f"dataset={data_dir}", out),
-         "train.py: error: init_from='gpt2-medium': cannot load GPT-2 weights from 'gpt2-medium' (", "; a local copy works too: init_from=DIR"),
+         "train.py: error: init_from='gpt2-medium': cannot load GPT-2 weights from 'gpt2-medium' (",
+         "; a local copy works too: init_from=DIR"),
         (("train.py", f"init_from={hf_gpt2_dir}", "dataset=rotten_tomatoes", out, "rank=8"),
-         "train.py: error: cannot load dataset 'rotten_tomatoes' from the hub (", "; give a local copy instead: dataset=DIR, "
-         "a directory with train.jsonl, validation.jsonl, test.jsonl"),
-        (("train.py", f"init_from={tmp_path}/no/such/dir", "dataset=rotten_tomatoes", out),  # checked before the data
+         "train.py: error: cannot load dataset 'rotten_tomatoes' from the hub (",
+         "; give a local copy instead: dataset=DIR, a directory with train.jsonl, "
+         "validation.jsonl, test.jsonl"),
+        # checked before the data
+        (("train.py", f"init_from={tmp_path}/no/such/dir", "dataset=rotten_tomatoes", out),
          f"train.py: error: init_from='{tmp_path}/no/such/dir': no such directory", ""),
         (("generate.py", "init_from=gpt2-xl", f"dataset={data_dir}", out),
-         "generate.py: error: init_from='gpt2-xl': cannot load GPT-2 weights from 'gpt2-xl' (", "; a local copy works too: init_from=DIR"),
+         "generate.py: error: init_from='gpt2-xl': cannot load GPT-2 weights from 'gpt2-xl' (",
+         "; a local copy works too: init_from=DIR"),
     ]
     for args, start, end in cases:
         result = offline_cli(*args)
         assert result.returncode == 2 and result.stderr.startswith(start), result.stderr
-        assert result.stderr.endswith(end + "\n") and result.stderr.count("\n") == 1  # no retries, no traceback
+        assert (result.stderr.endswith(end + "\n")
+                and result.stderr.count("\n") == 1)  # no retries, no traceback
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_tokenizer_files_are_one_line(hf_gpt2_dir, small_data_dir, tmp_path):
     empty = tmp_path / "tiktoken_cache"
     empty.mkdir()
-    result = offline_cli("train.py", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={tmp_path / 'o'}", "rank=8",
-                         TIKTOKEN_CACHE_DIR=str(empty), HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    result = offline_cli("train.py", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}",
+                         f"out_dir={tmp_path / 'o'}", "rank=8", TIKTOKEN_CACHE_DIR=str(empty),
+                         HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
     assert result.returncode == 2
-    assert re.fullmatch(r"train.py: error: cannot get the GPT-2 tokenizer's files \(\w+\); connect to the internet once, "
-                        r"or set TIKTOKEN_CACHE_DIR to a directory that holds them\n", result.stderr), result.stderr
+    assert re.fullmatch(r"train.py: error: cannot get the GPT-2 tokenizer's files \(\w+\); "
+                        r"connect to the internet once, or set TIKTOKEN_CACHE_DIR to a directory "
+                        r"that holds them\n", result.stderr), result.stderr
 
 
 def test_the_tests_without_data_or_hub_stop_at_once_naming_both_ways_out(tmp_path):
@@ -292,6 +309,7 @@ def test_the_tests_without_data_or_hub_stop_at_once_naming_both_ways_out(tmp_pat
                              "tests/test_flags.py::test_three_forms_aliases_hyphens"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "ROTTEN_TOMATOES_DIR is not set and the Hugging Face hub cannot be reached: connect to the internet once (both " \
-           f"are then kept in {tmp_path / 'cache' / 'lora-gpt2-tests'}), or set ROTTEN_TOMATOES_DIR" in result.stdout + result.stderr
+    assert ("ROTTEN_TOMATOES_DIR is not set and the Hugging Face hub cannot be reached: connect to the "
+            f"internet once (both are then kept in {tmp_path / 'cache' / 'lora-gpt2-tests'}), "
+            "or set ROTTEN_TOMATOES_DIR" in result.stdout + result.stderr)
     assert not (tmp_path / "cache" / "lora-gpt2-tests" / "rotten_tomatoes").exists()

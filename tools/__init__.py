@@ -1,1 +1,1 @@
-"""Tools that use what runs leave: the homework's grids and tables (report), exports (export), speed (bench)."""
+"""Tools that use what runs leave: the homework's tables (report), exports (export), speed (bench)."""

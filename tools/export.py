@@ -24,32 +24,34 @@ from harness.run import OutDir, check_out_dir
 FLAGS = {
     "out_dir": ("out", "the run to export"),
     "ckpt": ("best", "best (ckpt.pt) or last (ckpt_last.pt)", ("best", "last")),
-    "format": ("peft", "peft (a LoRA adapter for Hugging Face PEFT) or hf (a merged Hugging Face GPT-2)", ("peft", "hf")),
+    "format": ("peft", "peft (a LoRA adapter for Hugging Face PEFT) or hf (a merged Hugging Face GPT-2)",
+               ("peft", "hf")),
     "dest": ("", "the directory to write; it must not exist yet, or be empty"),
-    "base": ("", "a LoRA run's base model where it is no longer at the run's init_from (a name or directory)"),
+    "base": ("", "a LoRA run's base model where it is no longer at the run's init_from (name or directory)"),
     "debug": (False, "show full tracebacks"),
 }
 
 
-def peft_adapter(checkpoint):
-    """(adapter_config, tensors): a LoRA checkpoint as one PEFT adapter on each layer's c_attn."""
+def peft_adapter(checkpoint, base):
+    """(adapter_config, tensors): a LoRA checkpoint as one PEFT adapter on each layer's c_attn, of base."""
     args = checkpoint["model_args"]
     lora = checkpoint["model"]
     tensors = {}
     for layer in range(args["n_layer"]):
         ours, theirs = f"transformer.h.{layer}.attn", f"base_model.model.transformer.h.{layer}.attn.c_attn"
-        # c_attn(x) = [q | k | v]; x A^T stacks the three rank-r codes, the block-diagonal B maps each to its part
+        # c_attn(x) = [q | k | v]: x A^T stacks the three rank-r codes, a block-diagonal B maps each to its part
         tensors[f"{theirs}.lora_A.weight"] = torch.cat([lora[f"{ours}.{p}_attn.lora_A"] for p in "qkv"])
-        tensors[f"{theirs}.lora_B.weight"] = torch.block_diag(*[lora[f"{ours}.{p}_attn.lora_B"] for p in "qkv"])
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=checkpoint["base"]["init_from"],
+        B = [lora[f"{ours}.{p}_attn.lora_B"] for p in "qkv"]
+        tensors[f"{theirs}.lora_B.weight"] = torch.block_diag(*B)
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base,
                   r=3 * args["lora_rank"], lora_alpha=3 * args["lora_alpha"], lora_dropout=args["lora_dropout"],
                   target_modules=["c_attn"], fan_in_fan_out=True, bias="none", inference_mode=True)
     return config, {k: v.contiguous() for k, v in tensors.items()}
 
 
-def write_peft(checkpoint, dest):
+def write_peft(checkpoint, base, dest):
     from safetensors.torch import save_file
-    config, tensors = peft_adapter(checkpoint)
+    config, tensors = peft_adapter(checkpoint, base)
     with open(os.path.join(dest, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(dest, "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -60,7 +62,8 @@ def write_hf(model, dest):
     from transformers import GPT2Config
     c = model.config
     GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-               n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout).save_pretrained(dest)
+               n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+               attn_pdrop=c.dropout).save_pretrained(dest)
     save_file(hf_state_dict(model.eval()), os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -97,12 +100,17 @@ def export(config):
     with OutDir(config.out_dir, "export.py") as out:  # no run changes the files while they are read
         (_, checkpoint), = out.checkpoints((config.ckpt,))
         path = out.file("ckpt.pt" if config.ckpt == "best" else "ckpt_last.pt")
-        if config.format == "peft" and checkpoint["base"] is None:
-            raise UsageError(f"{path} is not a LoRA run (it trained every weight); export it with format=hf")
+        if checkpoint["base"] is None and (config.format == "peft" or config.base):
+            raise UsageError(f"{path} is not a LoRA run (it trained every weight): it needs no base=, and "
+                             "exports with format=hf")
+        latest = out.latest()["base"]  # where the base weights are now
+        base = config.base or (latest and latest["init_from"])
         if config.format == "peft":
-            write_directory(config.dest, lambda tmp: write_peft(checkpoint, tmp))
+            if config.base:
+                load_model(checkpoint, base)  # the weights it trained on, or refused
+            write_directory(config.dest, lambda tmp: write_peft(checkpoint, base, tmp))
         else:
-            model = load_model(checkpoint, config.base or None)
+            model = load_model(checkpoint, base)
             write_directory(config.dest, lambda tmp: write_hf(model, tmp))
     kind = "PEFT LoRA adapter" if config.format == "peft" else "Hugging Face GPT2LMHeadModel"
     print(f"wrote {config.dest} ({kind}) from {path} (iteration {checkpoint['iter_num']})")

@@ -1,9 +1,9 @@
 """Reproduce the homework's experiments and write its tables and plots.
 
-    python -m tools.report                                # the whole grid on gpt2-medium (GPU advised)
-    python -m tools.report runs=r16_a64,full max_iters=20 # a subset, shorter
-    python -m tools.report init_from=gpt2 device=cpu max_iters=2 extra="batch_size=8 gradient_accumulation_steps=2"
-    python -m tools.report submission [PATH]              # submission.zip: the code to upload, and the notebook
+    python -m tools.report                                  # the whole grid on gpt2-medium (GPU advised)
+    python -m tools.report runs=r16_a64,full max_iters=20   # a subset, shorter
+    python -m tools.report init_from=gpt2 device=cpu max_iters=2 extra="batch_size=8"
+    python -m tools.report submission [PATH]                # submission.zip: the code to upload, the notebook
 
 Each run is `python train.py <its flags> out_dir=<results_dir>/<run> resume=auto ...`: a finished
 run (its results.json holds both checkpoints' test accuracy) is skipped and an interrupted one
@@ -26,10 +26,11 @@ import zipfile
 import torch
 
 import train
-from harness.checkpoints import CheckpointError, atomic_write, load_checkpoint
-from harness.flags import UsageError, canonical, fail, parse_flags
 from generate import is_tested, read_results
-from harness.run import read_metrics
+from harness.checkpoints import atomic_write, load_checkpoint, loading_weights
+from harness.device import device_and_dtype
+from harness.flags import UsageError, fail, parse, parse_flags, reported_errors
+from harness.run import check_out_dir, read_metrics
 from model import GPT, GPTConfig, count_parameters, mark_trainable
 
 RUNS = {  # name: (label in the tables and plots, train.py flags beside its defaults)
@@ -38,7 +39,8 @@ RUNS = {  # name: (label in the tables and plots, train.py flags beside its defa
     "r196_a784": ("LoRA r=196, alpha=784", "lora_rank=196 lora_alpha=784"),
     "full": ("Full fine-tuning (dropout 0.05)", "lora_rank=0 dropout=0.05"),
     "r16_a256": ("LoRA r=16, alpha=256", "lora_rank=16 lora_alpha=256"),
-    "r128_a512_question": ("LoRA r=128, alpha=512, 'question' prompt", "lora_rank=128 lora_alpha=512 prompt_template=question"),
+    "r128_a512_question": ("LoRA r=128, alpha=512, 'question' prompt",
+                           "lora_rank=128 lora_alpha=512 prompt_template=question"),
 }
 LABELS = {run: label for run, (label, _) in RUNS.items()}
 TABLES = [
@@ -46,8 +48,8 @@ TABLES = [
     ("A larger alpha at rank 16 (5.8)", ["r16_a64", "r16_a256", "full"]),
     ("Prompt templates, r=128, alpha=512 (5.12)", ["r128_a512", "r128_a512_question"]),
 ]
-PLOTS = {"val_loss.png": ("Validation loss across ranks, alpha = 4r", ["r16_a64", "r128_a512", "r196_a784", "full"]),
-         "val_loss_alpha.png": ("Validation loss: alpha at rank 16", ["r16_a64", "r16_a256", "full"])}
+PLOTS = {"val_loss.png": ("Validation loss across ranks, alpha = 4r", TABLES[0][1]),
+         "val_loss_alpha.png": ("Validation loss: alpha at rank 16", TABLES[1][1])}
 FLAGS = {
     "results_dir": ("results", "one directory per run goes here, and the tables and plots"),
     "runs": ("all", f"comma-separated runs, or all: {', '.join(RUNS)}"),
@@ -57,7 +59,7 @@ FLAGS = {
     "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
     "zero_shot": (True, "also the zero-shot accuracy of init_from"),
     "extra": ("", "more train.py flags for every run, space-separated"),
-    "overwrite": (False, "replace a run whose settings differ from the ones asked for now (else report.py stops)"),
+    "overwrite": (False, "replace a run whose settings differ from the ones asked for now (else it stops)"),
 }
 # train.py flags that do not change a run's result: a run made with other values of these is reused
 NOT_COMPARED = {"out_dir", "resume", "overwrite", "eval_test", "device", "compile", "debug", "ckpt_interval",
@@ -81,9 +83,9 @@ def is_finished(out_dir, state):
 def first_difference(saved, train_argv):
     """(flag, saved value, value asked for now) of the first result-changing difference, or None."""
     asked = vars(parse_flags("report.py", train.FLAGS, train_argv)[0])
-    ignored = NOT_COMPARED | (set(train.SIZES) if asked["init_from"] != "scratch" else set())  # the model's own
-    return next(((k, saved.get(k), asked[k]) for k in train.FLAGS if k not in ignored and saved.get(k) != asked[k]),
-                None)
+    ignored = NOT_COMPARED | (set(train.SIZES) if asked["init_from"] != "scratch" else set())  # the model's
+    return next(((k, saved.get(k), asked[k]) for k in train.FLAGS
+                 if k not in ignored and saved.get(k) != asked[k]), None)
 
 
 def end_with_parent():
@@ -93,58 +95,89 @@ def end_with_parent():
 
 
 def run_command(cmd):
+    """Run one command of the grid (a killed report.py takes it along); one that stops, stops report.py."""
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    if subprocess.run(cmd, preexec_fn=end_with_parent).returncode != 0:  # a killed report.py leaves no run behind
-        print("report.py: error: that command failed; rerun report.py to continue where it stopped", file=sys.stderr)
-        sys.exit(1)
+    status = subprocess.run(cmd, preexec_fn=end_with_parent).returncode
+    if status == 2:  # a usage error: the command has said what to change, in one line
+        sys.exit(2)
+    if status:
+        fail("report.py", f"{os.path.basename(cmd[1])} stopped (exit status {status}); rerun report.py to "
+                          "continue where it stopped", 1)
 
 
 def zero_shot_row(config):
     """The zero-shot test accuracy of init_from on dataset, if it has been measured."""
     results = read_results(os.path.join(config.results_dir, "zero_shot", "results.json"))
-    rows = results["results"] if results else []
-    return next((r for r in rows if r["checkpoint"] == f"Zero-shot {config.init_from}" and r["method"] == "generate"
-                 and r["parse"] == "near_start" and r["settings"]["dataset"] == config.dataset), None)
+    return next((r for r in (results["results"] if results else []) if r["checkpoint"] ==
+                 f"Zero-shot {config.init_from}" and (r["method"], r["parse"]) == ("generate", "near_start")
+                 and r["settings"]["dataset"] == config.dataset), None)
 
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's top level
+# what report.py or a run of the grid decides: extra= may not change it (runs= picks other runs)
+DECIDED = {"out_dir", "resume", "overwrite", "eval_test", "init_from", "dataset", "device", "max_iters",
+           *(f.partition("=")[0] for _, flags in RUNS.values() for f in flags.split())}
+
+
+def extra_flags(config):
+    """extra= as train.py reads it ({flag: value}), refused where it changes what report.py decides."""
+    try:
+        values, given = parse(train.FLAGS, shlex.split(config.extra))
+        if given & DECIDED:
+            raise UsageError(f"{', '.join(sorted(given & DECIDED))}: report.py or the grid's runs set these "
+                             "(results_dir=, runs=, init_from=, dataset=, device=, max_iters=)")
+    except (ValueError, UsageError) as e:
+        fail("report.py", f"extra={config.extra!r}: {e}")
+    return {key: getattr(values, key) for key in given}
 
 
 def train_argv(config, run):
-    """train.py's flags for one run of the grid: the run's own, report.py's, then extra; the last
-    of a flag given twice wins."""
-    try:
-        extra = shlex.split(config.extra)
-        flags = [*shlex.split(RUNS[run][1]), f"out_dir={os.path.join(config.results_dir, run)}", "resume=auto",
-                 "eval_test=true", f"init_from={config.init_from}", f"dataset={config.dataset}", f"device={config.device}",
-                 *([f"max_iters={config.max_iters}"] if config.max_iters else []), *extra]
-        chosen = {canonical(f.partition("=")[0].lstrip("-"), train.FLAGS): f for f in flags}
-        decided = {canonical(f.partition("=")[0].lstrip("-"), train.FLAGS) for f in extra} & {"out_dir", "resume", "overwrite"}
-        if decided:
-            raise UsageError(f"{', '.join(sorted(decided))}: report.py sets these itself (results_dir=, overwrite=)")
-        return list(chosen.values())
-    except (ValueError, UsageError) as e:
-        fail("report.py", f"extra={config.extra!r}: {e}")
+    """train.py's flags for one run of the grid: the run's own, report.py's, then extra."""
+    flags = dict(f.split("=", 1) for f in RUNS[run][1].split())
+    flags.update(out_dir=os.path.join(config.results_dir, run), resume="auto", eval_test="true",
+                 init_from=config.init_from, dataset=config.dataset, device=config.device,
+                 **extra_flags(config))
+    if config.max_iters:
+        flags["max_iters"] = config.max_iters
+    return [f"{key}={value}" for key, value in flags.items()]
+
+
+def check_grid(config, names):
+    """What the flags tell before the first command: the device, results_dir, init_from and every run's
+    rank fit, so that a grid never stops on them halfway."""
+    ranks = {run: parse_flags("report.py", train.FLAGS, train_argv(config, run))[0].lora_rank
+             for run in names}
+    device_and_dtype(config.device, "auto")
+    check_out_dir(config.results_dir, "results_dir")
+    if config.init_from == "scratch":
+        return
+    with loading_weights("init_from", config.init_from):
+        from transformers import GPT2Config
+        width = GPT2Config.from_pretrained(config.init_from).n_embd
+    for run, rank in ranks.items():
+        if rank > width:
+            raise UsageError(f"runs={run}: lora_rank={rank} is more than the {width}-wide layers of "
+                             f"{config.init_from}; choose other runs or another init_from")
 
 
 def run_grid(config, names):
-    for run in names:  # every run's flags are checked before the first one starts
-        parse_flags("report.py", train.FLAGS, train_argv(config, run))
     if config.zero_shot:
         out_dir = os.path.join(config.results_dir, "zero_shot")
         if zero_shot_row(config):
             print(f"zero-shot: done already ({out_dir})")
         else:
             run_command([sys.executable, os.path.join(HERE, "generate.py"), f"out_dir={out_dir}",
-                         f"init_from={config.init_from}", f"dataset={config.dataset}", f"device={config.device}"])
+                         f"init_from={config.init_from}", f"dataset={config.dataset}",
+                         f"device={config.device}"])
     for run in names:
         out_dir = os.path.join(config.results_dir, run)
         argv = train_argv(config, run)
         state = run_state(out_dir)
         difference = first_difference(state["config"], argv) if state else None
         if difference and not config.overwrite:
-            fail("report.py", f"{out_dir} holds a run with other settings ({difference[0]}={difference[1]!r} there, "
-                              f"{difference[2]!r} asked for now); replace it with overwrite=true, or choose another results_dir")
+            fail("report.py", f"{out_dir} holds a run with other settings ({difference[0]}={difference[1]!r} "
+                              f"there, {difference[2]!r} asked for now); replace it with overwrite=true, or "
+                              "choose another results_dir")
         if difference:
             argv = [f for f in argv if not f.startswith("resume=")] + ["overwrite=true"]
         elif state and is_finished(out_dir, state):
@@ -159,12 +192,15 @@ def run_summary(out_dir, checkpoint):
         model = mark_trainable(GPT(GPTConfig(**checkpoint["model_args"])))
     trainable, total = count_parameters(model)
     results = read_results(os.path.join(out_dir, "results.json"))
-    by_name = {r["checkpoint"]: r for r in results["results"] if (r["method"], r["parse"]) == ("generate", "near_start")}
+    by_name = {r["checkpoint"]: r for r in results["results"]
+               if (r["method"], r["parse"]) == ("generate", "near_start")}
     # rows past the run's iteration are an abandoned extension's
-    metrics = [r for r in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if r["iter"] <= checkpoint["iter_num"]]
-    return dict(rank=model.config.lora_rank, alpha=model.config.lora_alpha, best=by_name["Best Val Checkpoint"],
+    metrics = [r for r in read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+               if r["iter"] <= checkpoint["iter_num"]]
+    best = by_name["Best Val Checkpoint"]
+    return dict(rank=model.config.lora_rank, alpha=model.config.lora_alpha, best=best,
                 last=by_name["Last Iter Checkpoint"], trainable=trainable, total=total,
-                seconds=metrics[-1]["elapsed"] if metrics else None, device=by_name["Best Val Checkpoint"]["settings"]["device"],
+                seconds=metrics[-1]["elapsed"] if metrics else None, device=best["settings"]["device"],
                 iters=checkpoint["iter_num"])
 
 
@@ -179,7 +215,8 @@ def table(names, summaries):
             continue
         alpha = f"{s['alpha']:g}" if s["rank"] else "-"
         time_text = f"{s['seconds'] / 60:.1f} min" if s["seconds"] is not None else "?"
-        lines.append(f"| {LABELS[run]} | {s['rank']} | {alpha} | {s['best']['accuracy']:.4f} | {s['last']['accuracy']:.4f} "
+        lines.append(f"| {LABELS[run]} | {s['rank']} | {alpha} | {s['best']['accuracy']:.4f} | "
+                     f"{s['last']['accuracy']:.4f} "
                      f"| {s['best']['unparseable']} / {s['last']['unparseable']} "
                      f"| {s['trainable']:,} of {s['total']:,} ({100 * s['trainable'] / s['total']:.2f}%) "
                      f"| {s['iters']} | {time_text} | {s['device']} |")
@@ -190,8 +227,10 @@ def write_markdown(config, summaries):
     lines = [f"# Results: {config.init_from}", ""]
     zero = zero_shot_row(config)
     if zero:
-        lines += ["## Zero-shot (5.3)", "", "| model | test accuracy | unparseable | device |", "|---|---|---|---|",
-                  f"| {config.init_from} | {zero['accuracy']:.4f} | {zero['unparseable']} | {zero['settings']['device']} |", ""]
+        lines += ["## Zero-shot (5.3)", "", "| model | test accuracy | unparseable | device |",
+                  "|---|---|---|---|",
+                  f"| {config.init_from} | {zero['accuracy']:.4f} | {zero['unparseable']} | "
+                  f"{zero['settings']['device']} |", ""]
     for title, names in TABLES:
         lines += [f"## {title}", "", *table(names, summaries), ""]
     path = os.path.join(config.results_dir, "results.md")
@@ -207,7 +246,8 @@ def write_plots(results_dir, summaries):
     series = {}
     for run in summaries:
         rows = read_metrics(os.path.join(results_dir, run, "metrics.jsonl"))
-        series[run] = [[r["iter"], r["val_loss"]] for r in rows if "val_loss" in r and r["iter"] <= summaries[run]["iters"]]
+        series[run] = [[r["iter"], r["val_loss"]] for r in rows
+                       if "val_loss" in r and r["iter"] <= summaries[run]["iters"]]
     for filename, (title, names) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
         for run in names:
@@ -220,8 +260,10 @@ def write_plots(results_dir, summaries):
         fig.tight_layout()
         atomic_write(os.path.join(results_dir, filename), lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
-    data = {filename: {LABELS[r]: series[r] for r in names if r in series} for filename, (_, names) in PLOTS.items()}
-    atomic_write(os.path.join(results_dir, "val_loss.json"), lambda f: f.write(json.dumps(data, indent=1).encode()))
+    data = {filename: {LABELS[r]: series[r] for r in names if r in series}
+            for filename, (_, names) in PLOTS.items()}
+    atomic_write(os.path.join(results_dir, "val_loss.json"),
+                 lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 
 GRADED = ("lora.py", "model.py", "dataloader.py", "train.py", "generate.py")
@@ -253,8 +295,8 @@ def write_submission(path="submission.zip"):
             for name in files:
                 z.write(os.path.join(HERE, name), name)
     atomic_write(path, write)
-    print(f"wrote {path}: {' '.join(files)}\nthe graded files are {' '.join(GRADED)}; the other .py files are "
-          "what they import, so upload them too wherever the scripts are run")
+    print(f"wrote {path}: {' '.join(files)}\nthe graded files are {' '.join(GRADED)}; the other .py files "
+          "are what they import, so upload them too wherever the scripts are run")
 
 
 def main(argv):
@@ -264,19 +306,20 @@ def main(argv):
     names = list(RUNS) if config.runs == "all" else [r.strip() for r in config.runs.split(",") if r.strip()]
     unknown = [r for r in names if r not in RUNS]
     if unknown or not names:
-        fail("report.py", f"runs={config.runs!r}: expected all or a comma-separated list of {', '.join(RUNS)}")
-    try:
+        fail("report.py", f"runs={config.runs!r}: expected all or a comma-separated list of "
+                          f"{', '.join(RUNS)}")
+    with reported_errors("report.py"):
+        check_grid(config, names)
         run_grid(config, names)
         summaries = {}
         for run in RUNS:  # the finished runs made with the settings asked for now
             out_dir = os.path.join(config.results_dir, run)
             state = run_state(out_dir)
-            if state and is_finished(out_dir, state) and not first_difference(state["config"], train_argv(config, run)):
+            if state and is_finished(out_dir, state) and not first_difference(state["config"],
+                                                                              train_argv(config, run)):
                 summaries[run] = run_summary(out_dir, state)
-    except CheckpointError as e:
-        fail("report.py", str(e))
-    path = write_markdown(config, summaries)
-    write_plots(config.results_dir, summaries)
+        path = write_markdown(config, summaries)
+        write_plots(config.results_dir, summaries)
     print(f"wrote {path}, val_loss.png, val_loss_alpha.png and val_loss.json")
 
 
