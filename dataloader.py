@@ -17,6 +17,7 @@ LABEL_WORDS = {1: " positive", 0: " negative"}  # the leading space: GPT-2 sees 
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100  # a target with this value adds nothing to the loss (cross_entropy's default)
 HUB_NAMES = {"rotten_tomatoes": "cornell-movie-review-data/rotten_tomatoes"}
+CONTENT_FREE = ("N/A", "[MASK]", "")  # reviews that say nothing: contextual calibration (Zhao et al. 2021)
 
 
 class DataError(Exception):
@@ -46,16 +47,17 @@ def get_sentiment_prompt(text, label=None, template="default"):
     return prompt + LABEL_WORDS[label]
 
 
-def encode_prompt(text, template="default", max_tokens=None):
-    """The prompt's token ids, the review cut short (never the template) where they would pass max_tokens."""
+def encode_prompt(text, template="default", max_tokens=None, prefix=""):
+    """The token ids of prefix (demonstrations, if any) and the review's prompt, the review cut short (never
+    the template or the prefix) where they would pass max_tokens."""
     enc = get_tokenizer()
-    ids = enc.encode_ordinary(get_sentiment_prompt(text, template=template))
+    ids = enc.encode_ordinary(prefix + get_sentiment_prompt(text, template=template))
     if max_tokens is None or len(ids) <= max_tokens:
         return ids
     review = enc.encode_ordinary(text)
     while len(ids) > max_tokens and review:  # cut the review's tokens by the excess, and encode again
         review = review[:max(0, len(review) - (len(ids) - max_tokens))]
-        ids = enc.encode_ordinary(get_sentiment_prompt(enc.decode(review), template=template))
+        ids = enc.encode_ordinary(prefix + get_sentiment_prompt(enc.decode(review), template=template))
     if len(ids) > max_tokens:
         raise DataError(f"the '{template}' template alone is longer than {max_tokens} tokens")
     return ids
@@ -67,6 +69,42 @@ def check_prompt_room(template, block_size, answer_tokens, model="the model"):
     if needed + answer_tokens > block_size:
         raise DataError(f"the '{template}' prompt needs {needed} tokens and its answer {answer_tokens} more: "
                         f"more than the {block_size}-token context of {model}")
+
+
+def draw_demonstrations(splits, shots, seed):
+    """The ids of shots train reviews to show before each review (few-shot prompting): shots // 2 of each
+    label and, where shots is odd, one more of a label drawn with seed; in an order drawn with seed. A
+    train review whose text is also in another split is never drawn."""
+    elsewhere = {r["text"].strip() for split in splits if split != "train" for r in splits[split]}
+    generator = torch.Generator().manual_seed(seed)
+    counts = [shots // 2, shots // 2]
+    if shots % 2:
+        counts[int(torch.randint(2, (1,), generator=generator))] += 1
+    ids = []
+    for label, count in enumerate(counts):
+        pool = [i for i, r in enumerate(splits["train"])
+                if r["label"] == label and r["text"].strip() not in elsewhere]
+        if count > len(pool):
+            raise DataError(f"shots={shots}: the train split has {len(pool)} reviews labelled {label} to "
+                            f"draw {count} from")
+        ids += [pool[i] for i in torch.randperm(len(pool), generator=generator)[:count].tolist()]
+    return [ids[i] for i in torch.randperm(len(ids), generator=generator).tolist()]
+
+
+def few_shot_prefix(demonstrations, template="default"):
+    """The text that goes before a review's prompt: each demonstration ({"text", "label"}) in the template
+    with its label word, then a blank line."""
+    return "".join(get_sentiment_prompt(r["text"], r["label"], template) + "\n\n" for r in demonstrations)
+
+
+def check_demonstrations_fit(demonstrations, records, template, block_size, answer_tokens):
+    """Fail early where the demonstrations, the longest review's prompt and its answer pass the context."""
+    prefix = len(get_tokenizer().encode_ordinary(few_shot_prefix(demonstrations, template)))
+    longest = max(len(encode_prompt(r["text"], template)) for r in records)
+    if prefix + longest + answer_tokens > block_size:
+        raise DataError(f"shots={len(demonstrations)}: the demonstrations take {prefix} tokens, the longest "
+                        f"review's prompt {longest} and its answer {answer_tokens}: more than the "
+                        f"{block_size}-token context; give fewer shots")
 
 
 def sample(items, n, seed=0):

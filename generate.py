@@ -3,7 +3,9 @@
     python generate.py out_dir=runs/r16_a64                   # the Best Val and Last Iter checkpoints
     python generate.py init_from=gpt2-medium                  # zero-shot
     python generate.py out_dir=runs/r16_a64 text="an utterly charming film"   # classify your own reviews
+    python generate.py init_from=gpt2-medium shots=4 method=logprob calibrate=true   # few-shot, calibrated
 """
+import math
 import json
 import os
 import sys
@@ -12,8 +14,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from dataloader import (LABEL_WORDS, PROMPT_TEMPLATES, DataError, by_length, check_prompt_room, common_start,
-                        encode_prompt, get_tokenizer, load_rotten_tomatoes, sample)
+from dataloader import (CONTENT_FREE, LABEL_WORDS, PROMPT_TEMPLATES, DataError, by_length,
+                        check_demonstrations_fit, check_prompt_room, common_start, draw_demonstrations,
+                        encode_prompt, few_shot_prefix, get_sentiment_prompt, get_tokenizer,
+                        load_rotten_tomatoes, sample)
 from harness.checkpoints import (check_source, load_checkpoint, load_model, load_trained, loading_weights,
                                  read_json)
 from harness.device import autocast, device_and_dtype, device_name
@@ -45,6 +49,13 @@ FLAGS = {  # name: (default, help[, allowed values])
                             "must be one)", ("near_start", "first_word")),
     "temperature": (0.0, "0 = greedy (the default: accuracy must not depend on luck)", ">= 0"),
     "top_k": (0, "with temperature > 0, sample from the k most likely tokens; 0 = all", ">= 0"),
+    "shots": (0, "few-shot prompting: this many labelled train reviews (demonstrations) before each review, "
+                 "half of each label; 0 = none", ">= 0"),
+    "shot_seed": (0, "which demonstrations are drawn, and their order", "[0, 2**32)"),
+    "calibrate": (False, "contextual calibration of method=logprob (and of both's logprob rows): the label "
+                         "probabilities are divided by those of content-free reviews in the same prompt; "
+                         "method=generate has none"),
+    "show_prompt": (False, "print the first review's whole prompt before evaluating"),
     "seed": (1337, "random seed for sampling", "[0, 2**32)"),
     "batch_size": (64, "reviews per batch", "> 0"),
     "share_prefix": (True, "compute the start every prompt of a batch shares (the instruction) once a batch"),
@@ -102,22 +113,41 @@ def label_logits(model, prompts, config, ctx):
 
 
 @torch.no_grad()
-def predict_labels(model, records, method, config, ctx):
-    """Each record with continuation and prediction (1, 0 or -1): method generate reads the label off
-    the generated answer; logprob takes the likelier label word, and adds p_positive."""
+def predict_labels(model, records, method, config, ctx, prefix=""):
+    """Each record with continuation and prediction (1, 0 or -1), its prompt after prefix (demonstrations):
+    method generate reads the label off the generated answer; logprob takes the likelier label word."""
     model.eval()  # merges LoRA into the weights
     generated = config.max_new_tokens if method == "generate" else 0
     check_prompt_room(config.prompt_template, model.config.block_size, generated)
     room = model.config.block_size - generated
-    prompts = [encode_prompt(r["text"], config.prompt_template, room) for r in records]
+    prompts = [encode_prompt(r["text"], config.prompt_template, room, prefix) for r in records]
     if method == "generate":
         return [dict(text=r["text"], label=r["label"], continuation=answer,
                      prediction=parse_label(answer, config.parse))
                 for r, answer in zip(records, generated_answers(model, prompts, config, ctx))]
-    differences = label_logits(model, prompts, config, ctx)
-    p_positive = torch.sigmoid(torch.tensor(differences)).tolist()
+    return with_log_odds(records, label_logits(model, prompts, config, ctx))
+
+
+def with_log_odds(records, log_odds):
+    """Each record with its log-odds of ' positive' over ' negative', p_positive, and the likelier label."""
     return [dict(text=r["text"], label=r["label"], continuation=LABEL_WORDS[int(d > 0)],
-                 prediction=int(d > 0), p_positive=p) for r, d, p in zip(records, differences, p_positive)]
+                 prediction=int(d > 0), p_positive=0.5 * (1 + math.tanh(d / 2)), log_odds=d)
+            for r, d in zip(records, log_odds)]
+
+
+def content_free_p_positive(model, config, ctx, prefix=""):
+    """The mean p(positive) the model gives content-free reviews in the same prompt (Zhao et al. 2021)."""
+    records = [dict(text=text, label=None) for text in CONTENT_FREE]
+    return sum(p["p_positive"] for p in predict_labels(model, records, "logprob", config, ctx, prefix)) / 3
+
+
+def calibrated(predictions, p_content_free):
+    """Contextual calibration: each review's label probabilities divided by the content-free ones
+    (p_content_free, 1 - p_content_free) and renormalised, so that a content-free review is 50/50; in
+    log-odds, the content-free log-odds subtracted."""
+    p = min(max(p_content_free, 1e-12), 1 - 1e-12)  # a saturated one would shift by infinity
+    shift = math.log(p / (1 - p))
+    return with_log_odds(predictions, [p["log_odds"] - shift for p in predictions])
 
 
 def summarize(predictions):
@@ -134,34 +164,40 @@ def report_line(name, s):
             f"Unparseable: {s['unparseable']}")
 
 
-def evaluate(model, checkpoints, records, config, ctx):
-    """The handout's line for each checkpoint (its trained tensors loaded into model) and method.
-    Returns (rows, predictions): the numbers, with the settings behind them, and every answer."""
+def evaluate(model, checkpoints, records, config, ctx, prefix=""):
+    """The handout's line for each checkpoint (its trained tensors loaded into model) and method, each
+    prompt after prefix (demonstrations). Returns (rows, predictions): the numbers, with the settings
+    behind them, and every answer."""
     rows, predictions = [], []
     for name, checkpoint in checkpoints:
         if checkpoint is not None:
             load_trained(model, checkpoint)
         for method in ("generate", "logprob") if config.method == "both" else (config.method,):
-            start = time.time()
-            preds = predict_labels(model, records, method, config, ctx)
+            start, calibration = time.time(), None
+            preds = predict_labels(model, records, method, config, ctx, prefix)
+            if method == "logprob" and config.calibrate:
+                calibration = content_free_p_positive(model, config, ctx, prefix)
+                preds = calibrated(preds, calibration)
             seconds, summary = time.time() - start, summarize(preds)
             parse = config.parse if method == "generate" else None
-            tag = f" [{method}]" if method == "logprob" else (f" [{parse}]" if parse != "near_start" else "")
+            tag = f" [{method}{', calibrated' * bool(calibration)}]" if method == "logprob" else (
+                f" [{parse}]" if parse != "near_start" else "")
             print(f"{report_line(name + tag, summary)}\n  {len(records)} reviews in {seconds:.1f} s "
                   f"({len(records) / seconds:.1f} reviews/s)")
             device = device_name(str(next(model.parameters()).device))
             rows.append(dict(checkpoint=name, iter_num=checkpoint and checkpoint["iter_num"], method=method,
                              parse=parse, seconds=round(seconds, 3), **summary,
-                             settings=dict(vars(config), method=method, device=device)))
+                             settings=dict(vars(config), method=method, device=device,
+                                           calibration=calibration)))
             predictions.append(dict(checkpoint=name, method=method, parse=parse, records=preds))
     return rows, predictions
 
 
 def is_the_runs_result(config, trained_with):
     """Whether an evaluation is the handout's measurement of a run (or raw model): the whole test split,
-    greedy, the default answer length, and a run's own data and prompt."""
-    handout = (config.split, config.num_examples, config.temperature, config.max_new_tokens) == (
-        "test", 0, 0.0, FLAGS["max_new_tokens"][0])
+    greedy, the default answer length, no demonstrations or calibration, and a run's own data and prompt."""
+    handout = (config.split, config.num_examples, config.temperature, config.max_new_tokens, config.shots,
+               config.calibrate) == ("test", 0, 0.0, FLAGS["max_new_tokens"][0], 0, False)
     own = trained_with is None or (config.dataset, config.prompt_template) == (
         trained_with["dataset"], trained_with["prompt_template"])
     return handout and own
@@ -233,31 +269,32 @@ def read_reviews(text, file):
     return reviews
 
 
-def classify(model, checkpoints, texts, config, ctx):
+def classify(model, checkpoints, records, config, ctx, prefix=""):
     """Print, for each review, the label read off the generated answer, p(positive) and the answer."""
-    records = [dict(text=t, label=None) for t in texts]
     for name, checkpoint in checkpoints:
         if checkpoint is not None:
             load_trained(model, checkpoint)
         if len(checkpoints) > 1:
             print(name)
-        answers = predict_labels(model, records, "generate", config, ctx)
-        scores = predict_labels(model, records, "logprob", config, ctx)
+        answers = predict_labels(model, records, "generate", config, ctx, prefix)
+        scores = predict_labels(model, records, "logprob", config, ctx, prefix)
+        if config.calibrate:
+            scores = calibrated(scores, content_free_p_positive(model, config, ctx, prefix))
         for answer, score in zip(answers, scores):
             label = {1: "positive", 0: "negative", -1: "unparseable"}[answer["prediction"]]
             print(f"{label:<11}  p(positive)={score['p_positive']:.3f}  "
                   f"answer={json.dumps(answer['continuation'])}  {answer['text']}")
 
 
-def load(config, explicit, out):
-    """(model, [(name, checkpoint)], the run's config or None): a run's checkpoints on one model of its
-    base (its data and prompt become config's where not given), or a raw GPT-2 for zero-shot."""
+def find_checkpoints(config, explicit, out):
+    """([(name, checkpoint)], the run's config, its base): a run's checkpoints (its data and prompt become
+    config's where not given), or one raw GPT-2 for zero-shot ([(name, None)], None, None)."""
     if config.init_from != "resume":
         if explicit & {"ckpt", "base"}:
-            raise UsageError(f"{' and '.join(sorted(explicit & {'ckpt', 'base'}))} choose a run's checkpoints and "
-                             f"their base; init_from={config.init_from!r} is a raw GPT-2 (zero-shot)")
-        with loading_weights("init_from", config.init_from):
-            return GPT.from_pretrained(config.init_from), [("Zero-shot " + config.init_from, None)], None
+            given = " and ".join(sorted(explicit & {"ckpt", "base"}))
+            raise UsageError(f"{given} choose a run's checkpoints and their base; init_from="
+                             f"{config.init_from!r} is a raw GPT-2 (zero-shot)")
+        return [("Zero-shot " + config.init_from, None)], None, None
     ckpt = config.ckpt or ("best" if config.text or config.file else "both")
     checkpoints = out.checkpoints(("best", "last") if ckpt == "both" else (ckpt,))
     latest = out.latest()  # where the run's data and base are now
@@ -265,27 +302,59 @@ def load(config, explicit, out):
         setattr(config, key, latest["config"][key])
     if config.base and latest["base"] is None:
         raise UsageError(f"base={config.base!r}: the run in {out.path} trains every weight; it needs no base")
-    base = config.base or (latest["base"] and latest["base"]["init_from"])
-    return load_model(checkpoints[0][1], base), checkpoints, latest["config"]
+    return checkpoints, latest["config"], config.base or (latest["base"] and latest["base"]["init_from"])
+
+
+def few_shot(config, splits, records, checkpoint):
+    """(prefix, demonstration ids): config.shots train reviews drawn with shot_seed as prompt text, checked
+    to fit the model's context (the checkpoint's, or init_from's) beside every review before it loads."""
+    if not config.shots:
+        return "", []
+    ids = draw_demonstrations(splits, config.shots, config.shot_seed)
+    demonstrations = [splits["train"][i] for i in ids]
+    if checkpoint is None:
+        with loading_weights("init_from", config.init_from):
+            from transformers import GPT2Config  # its config alone: the weights load after this check
+            context = GPT2Config.from_pretrained(config.init_from).n_positions
+    else:
+        context = checkpoint["model_args"]["block_size"]
+    answer = config.max_new_tokens if config.method != "logprob" or config.text or config.file else 0
+    check_demonstrations_fit(demonstrations, records, config.prompt_template, context, answer)
+    return few_shot_prefix(demonstrations, config.prompt_template), ids
 
 
 def main(argv):
     config, explicit = parse_flags("generate.py", FLAGS, argv, __doc__)
     with reported_errors("generate.py", config.debug, also=(DataError,)):
         if config.top_k and not config.temperature:
-            raise UsageError(f"top_k={config.top_k} samples among the likeliest tokens: give a temperature > 0 "
-                             "too (temperature=0 is greedy)")
+            raise UsageError(f"top_k={config.top_k} samples among the likeliest tokens: give a temperature > "
+                             "0 too (temperature=0 is greedy)")
+        if config.calibrate and config.method == "generate":
+            raise UsageError("calibrate=true calibrates label probabilities: give method=logprob or both")
         device, dtype = device_and_dtype(config.device, config.dtype)
         torch.manual_seed(config.seed)
         texts = read_reviews(config.text, config.file)  # none unless text= or file= is given
         with OutDir(config.out_dir, "generate.py", lock=config.init_from == "resume" or not texts) as out:
-            model, checkpoints, trained_with = load(config, explicit, out)
+            checkpoints, trained_with, base = find_checkpoints(config, explicit, out)
+            splits = None
+            if config.shots or not texts:  # the data, checked before the model loads
+                check_source("dataset", config.dataset)
+                splits = load_rotten_tomatoes(config.dataset)
+            records = ([dict(text=t, label=None) for t in texts] if texts
+                       else sample(splits[config.split], config.num_examples))
+            prefix, config.demonstrations = few_shot(config, splits, records, checkpoints[0][1])
+            if config.show_prompt:
+                print(prefix + get_sentiment_prompt(records[0]["text"], template=config.prompt_template))
+            if trained_with is None:
+                with loading_weights("init_from", config.init_from):
+                    model = GPT.from_pretrained(config.init_from)
+            else:
+                model = load_model(checkpoints[0][1], base)
             model.to(device)
             if texts:
-                return classify(model, checkpoints, texts, config, autocast(device, dtype))
-            check_source("dataset", config.dataset)
-            records = sample(load_rotten_tomatoes(config.dataset)[config.split], config.num_examples)
-            rows, predictions = evaluate(model, checkpoints, records, config, autocast(device, dtype))
+                return classify(model, checkpoints, records, config, autocast(device, dtype), prefix)
+            ctx = autocast(device, dtype)
+            rows, predictions = evaluate(model, checkpoints, records, config, ctx, prefix)
             run_id = checkpoints[0][1]["run_id"] if trained_with else None
             complete = is_the_runs_result(config, trained_with)
             path = write_results(out, run_id, config.split, complete, rows, predictions)

@@ -46,7 +46,7 @@ def check_out_dir(path, flag="out_dir"):
         raise UsageError(f"{flag}={path!r} cannot be written: {existing}: {e.strerror}") from None
 
 
-class OutDir:
+class OutDir(contextlib.AbstractContextManager):
     """out_dir, locked by this process from now (if it is missing: from the first write) until close."""
 
     def __init__(self, path, program, lock=True):
@@ -55,20 +55,22 @@ class OutDir:
         if lock and not self.made:
             self.lock()
 
+    def __exit__(self, *exc):
+        self.close()
+
     def file(self, name):
         return os.path.join(self.path, name)
 
     def lock(self):
-        if self.fd is not None:
-            return
-        os.makedirs(self.path, exist_ok=True)
-        self.fd = take_lock(self.path, self.program)
-        if self.made and any(os.path.exists(self.file(f)) for f in RUN_FILES):
-            raise UsageError(f"out_dir={self.path!r} was taken by another process as this one started; "
-                             "nothing was written: choose another out_dir")
-        for name in os.listdir(self.path):  # the temporary file of a process killed while writing
-            if name.endswith(".tmp") and name.startswith(tuple(f".{f}." for f in RUN_FILES)):
-                os.remove(self.file(name))
+        if self.fd is None:
+            os.makedirs(self.path, exist_ok=True)
+            self.fd = take_lock(self.path, self.program)
+            if self.made and any(os.path.exists(self.file(f)) for f in RUN_FILES):
+                raise UsageError(f"out_dir={self.path!r} was taken by another process as this one started; "
+                                 "nothing was written: choose another out_dir")
+            for name in os.listdir(self.path):  # the temporary file of a process killed while writing
+                if name.endswith(".tmp") and name.startswith(tuple(f".{f}." for f in RUN_FILES)):
+                    os.remove(self.file(name))
 
     def write(self, name, write):
         self.lock()
@@ -79,19 +81,12 @@ class OutDir:
             os.close(self.fd)  # the kernel releases the lock
             self.fd = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def checkpoints(self, which):
         """[(name, checkpoint)] of ckpt.pt ("best") and ckpt_last.pt ("last"), refused unless of one run."""
         paths = [self.file(CHECKPOINTS[key][1]) for key in which]
-        missing = next((path for path in paths if not os.path.isfile(path)), None)
-        if missing:
-            raise UsageError(f"no checkpoint at {missing}; make one with: python train.py "
-                             f"out_dir={self.path}")
+        for path in paths:
+            if not os.path.isfile(path):
+                raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={self.path}")
         found = same_run({path: load_checkpoint(path) for path in paths})
         return [(CHECKPOINTS[key][0], checkpoint) for key, checkpoint in zip(which, found.values())]
 

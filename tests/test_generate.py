@@ -152,7 +152,7 @@ def test_generate_evaluates_both_checkpoints(trained_run, capsys):
         assert len(pred_set["records"]) == row["total"] == 64
         assert summarize(pred_set["records"]) == {k: row[k] for k in summarize(pred_set["records"])}
         fields = ({"text", "label", "continuation", "prediction"}
-                  | ({"p_positive"} if row["method"] == "logprob" else set()))
+                  | ({"p_positive", "log_odds"} if row["method"] == "logprob" else set()))
         assert all(set(r) == fields for r in pred_set["records"])
 
 
