@@ -81,20 +81,27 @@ def parse_label(continuation, rule="near_start"):
 
 
 def batches_of(prompts, config, desc):
-    """Batches of prompt indices of similar length, each with how many tokens its prompts share."""
+    """Batches of prompt indices of similar length, with their prompts."""
     for batch in tqdm(by_length(range(len(prompts)), config.batch_size, lambda i: len(prompts[i])),
                       desc=desc, unit="batch", leave=False, file=sys.stderr):
-        rows = [prompts[i] for i in batch]
-        yield batch, rows, common_start(rows) if config.share_prefix else 0
+        yield batch, [prompts[i] for i in batch]
+
+
+def shared_start(model, prompts, config):
+    """The tokens every prompt begins with (the demonstrations and the instruction), computed once for
+    every batch of the evaluation to attend to (share_prefix=false: none)."""
+    return model.start_cache(prompts[0][:common_start(prompts)] if config.share_prefix else [])
 
 
 def generated_answers(model, prompts, config, ctx):
     """What the model writes after each prompt: up to max_new_tokens tokens, ending at <|endoftext|>."""
     enc, answers = get_tokenizer(), [None] * len(prompts)
-    for batch, rows, shared in batches_of(prompts, config, f"generate {len(prompts)} reviews"):
+    with ctx:
+        start = shared_start(model, prompts, config)
+    for batch, rows in batches_of(prompts, config, f"generate {len(prompts)} reviews"):
         with ctx:
             new = model.generate_batch(rows, config.max_new_tokens, config.temperature, config.top_k or None,
-                                       (enc.eot_token,), shared)
+                                       (enc.eot_token,), start)
         for i, tokens in zip(batch, new):
             answers[i] = enc.decode([t for t in tokens if t != enc.eot_token])
     return answers
@@ -104,9 +111,11 @@ def label_logits(model, prompts, config, ctx):
     """For each prompt, the logit of ' positive' minus that of ' negative' as the next token."""
     enc, differences = get_tokenizer(), [None] * len(prompts)
     positive, negative = (enc.encode_ordinary(LABEL_WORDS[label])[0] for label in (1, 0))
-    for batch, rows, shared in batches_of(prompts, config, f"logprob {len(prompts)} reviews"):
+    with ctx:
+        start = shared_start(model, prompts, config)
+    for batch, rows in batches_of(prompts, config, f"logprob {len(prompts)} reviews"):
         with ctx:
-            logits = model.prefill(rows, shared)[0].float()
+            logits = model.prefill(rows, start)[0].float()
         for i, difference in zip(batch, (logits[:, positive] - logits[:, negative]).tolist()):
             differences[i] = difference
     return differences
@@ -212,10 +221,12 @@ def write_results(out, run_id, split, complete, rows, predictions):
         complete = False  # a raw model's evaluation beside a run's checkpoints is not the run's result
     name = "results.json" if complete else "last_evaluation.json"
     old = read_results(out.file(name)) if complete else None
-    if old and old["run_id"] == run_id:  # keep the rows this evaluation does not replace
-        new, at = {row_key(r) for r in rows}, {r["checkpoint"]: r["iter_num"] for r in rows}
+    if old and old["run_id"] == run_id:  # keep the rows this evaluation does not replace, of checkpoints as
+        new = {row_key(r) for r in rows}  # they are now
+        now = {name: load_checkpoint(out.file(f), mmap=True)["iter_num"] for name, f in CHECKPOINTS.values()
+               if os.path.isfile(out.file(f))}
         kept = [i for i, r in enumerate(old["results"])
-                if row_key(r) not in new and at.get(r["checkpoint"], r["iter_num"]) == r["iter_num"]]
+                if row_key(r) not in new and now.get(r["checkpoint"]) == r["iter_num"]]
         rows = [old["results"][i] for i in kept] + rows
         predictions = [old["predictions"][i] for i in kept] + predictions
     evaluation = dict(run_id=run_id, split=split, complete=complete, results=rows, predictions=predictions)

@@ -28,17 +28,24 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values (B, n_head, past, head size) of every layer for the tokens processed so far."""
+    """Keys and values (B, n_head, past, head size) of every layer for the tokens processed so far; a start
+    every row shares is kept once, as a batch of one (shared), never copied for each row."""
 
     def __init__(self, n_layer):
-        self.layers = [None] * n_layer
+        self.layers, self.shared = [None] * n_layer, [None] * n_layer
 
     def __len__(self):
-        return 0 if self.layers[0] is None else self.layers[0][0].size(2)
+        return sum(kv[0][0].size(2) for kv in (self.shared, self.layers) if kv[0] is not None)
 
-    def expand(self, batch_size):  # a batch of one's keys and values for batch_size rows, not copied
-        self.layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
-                       for k, v in self.layers]
+    def share(self):
+        """What has been computed so far (a batch of one) becomes the start every row attends to."""
+        self.shared, self.layers = self.layers, [None] * len(self.layers)
+
+    def fork(self):
+        """A new cache that holds the same shared start (not copied) and nothing else."""
+        cache = KVCache(len(self.layers))
+        cache.shared = self.shared
+        return cache
 
     def extend(self, layer, k, v):
         if self.layers[layer] is not None:
@@ -68,14 +75,34 @@ class CausalSelfAttention(nn.Module):
         # query, key, value for all heads: (B, nh, T, hs)
         q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for proj in (self.q_attn, self.k_attn, self.v_attn))
+        shared, dropout = None, self.dropout if self.training else 0.0
         if kv_cache is not None:  # the earlier tokens' keys and values come first: (B, nh, past + T, hs)
             k, v = kv_cache.extend(layer, k, v)
+            shared = kv_cache.shared[layer]
         # causal attention, or attn_mask (B or 1, 1, T, past + T) where there is padding or a past
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           is_causal=attn_mask is None and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if shared is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               is_causal=attn_mask is None and T > 1, dropout_p=dropout)
+        else:
+            y = attention_after_shared_start(q, k, v, shared, attn_mask[..., shared[0].size(2):], dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
+
+
+def attention_after_shared_start(q, k, v, shared, mask, dropout=0.0):
+    """Causal attention of queries q (B, nh, T, hs) over a start every row shares (its keys and values
+    (1, nh, S, hs), never copied per row) and then each row's own keys and values (B, nh, t, hs) where
+    mask (B or 1, 1, T, t) allows: the rows' queries meet the start as one batch, one softmax spans both."""
+    B, nh, T, hs = q.shape
+    start_k, start_v = shared
+    S = start_k.size(2)
+    queries = q.transpose(0, 1).reshape(nh, B * T, hs)
+    to_start = (queries @ start_k[0].transpose(1, 2)).view(nh, B, T, S).transpose(0, 1)
+    to_own = (q @ k.transpose(2, 3)).float().masked_fill(~mask, float("-inf"))
+    weights = torch.cat([to_start.float(), to_own], dim=3).div(math.sqrt(hs)).softmax(dim=3)
+    weights = F.dropout(weights, dropout).to(v.dtype)
+    from_start = weights[..., :S].transpose(0, 1).reshape(nh, B * T, S) @ start_v[0]
+    return from_start.view(nh, B, T, hs).transpose(0, 1) + weights[..., S:] @ v
 
 
 class MLP(nn.Module):
@@ -158,12 +185,12 @@ class GPT(nn.Module):
         mask[..., torch.arange(T), torch.arange(total - T, total)] = True
         return mask
 
-    def _shared_start(self, start, kv_cache, batch_size):
+    def _shared_start(self, start, kv_cache):
         """Run the tokens every row starts with (start, (1, n)) once, as a batch of one, into kv_cache,
         which then serves every row: autograd sums the rows' gradients through it, and in training the
         rows share its dropout masks. Returns its hidden states (1, n, n_embd)."""
         x = self.hidden_states(start, kv_cache=kv_cache)
-        kv_cache.expand(batch_size)
+        kv_cache.share()
         return x
 
     def forward(self, idx, targets=None, reduction="mean", shared=0):
@@ -172,7 +199,7 @@ class GPT(nn.Module):
         projection (the largest matmul) computed only there. The first `shared` tokens, the same in
         every row (the loader counts them), are computed once."""
         kv_cache = KVCache(self.config.n_layer)
-        start = self._shared_start(idx[:1, :shared], kv_cache, len(idx)) if shared else None
+        start = self._shared_start(idx[:1, :shared], kv_cache) if shared else None
         x = self.hidden_states(idx[:, shared:], kv_cache=kv_cache)
         if shared:
             x = torch.cat([start.expand(len(idx), -1, -1), x], dim=1)
@@ -182,14 +209,20 @@ class GPT(nn.Module):
         return None, F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep], reduction=reduction)
 
     @torch.no_grad()
-    def prefill(self, prompts, shared=0):
-        """Run token lists of different lengths as one left-padded batch, the first `shared` tokens
-        (the same in each) once. Returns the next-token logits (B, vocab) after each prompt, and the
-        key_mask (False at padding) and kv_cache to go on from."""
+    def start_cache(self, start):
+        """A KVCache of the tokens start (a list), computed once, for every row of many batches to share."""
         kv_cache = KVCache(self.config.n_layer)
-        if shared:
-            start = torch.tensor([prompts[0][:shared]], device=self.lm_head.weight.device)
-            self._shared_start(start, kv_cache, len(prompts))
+        if start:
+            self._shared_start(torch.tensor([start], device=self.lm_head.weight.device), kv_cache)
+        return kv_cache
+
+    @torch.no_grad()
+    def prefill(self, prompts, start=None):
+        """Run token lists of different lengths as one left-padded batch after start, a start_cache of the
+        tokens each begins with (or none). Returns the next-token logits (B, vocab) after each prompt, and
+        the key_mask (False at padding) and kv_cache to go on from."""
+        kv_cache = start.fork() if start is not None else KVCache(self.config.n_layer)
+        shared = len(kv_cache)
         rows = [p[shared:] for p in prompts]
         T = max(map(len, rows))
         idx = torch.zeros(len(rows), T, dtype=torch.long)
@@ -201,10 +234,12 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden_states(idx, key_mask, kv_cache)[:, -1, :]), key_mask, kv_cache
 
     @torch.no_grad()
-    def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=(), shared=0):
-        """The new tokens after each token list in prompts (the first `shared` tokens the same in each):
-        greedy (temperature 0) or sampled from the top_k likeliest, a row ending after a stop token."""
-        logits, key_mask, kv_cache = self.prefill(prompts, shared)
+    def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=(),
+                       start=None):
+        """The new tokens after each token list in prompts (after start, a start_cache of the tokens each
+        begins with): greedy (temperature 0) or sampled from the top_k likeliest, a row ending after a stop
+        token."""
+        logits, key_mask, kv_cache = self.prefill(prompts, start)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=logits.device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
         new_tokens = []

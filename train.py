@@ -77,11 +77,15 @@ SIZES = ("n_layer", "n_head", "n_embd", "block_size")  # init_from=scratch's; a 
 KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")  # the homework's
 
 
-def check_settings(config, resume, world):
+def check_settings(config, explicit, resume, world):
     """What the flags tell before anything loads: sizes that cannot work, sources that are missing, a
     LoRA rank past the layers' width, a step that does not divide among the processes."""
     if config.n_embd % config.n_head:
         raise UsageError(f"n_embd={config.n_embd}: must be a multiple of n_head={config.n_head}")
+    lora_flags = sorted(explicit & {"lora_rank", "lora_alpha", "lora_dropout"})
+    if config.init_from == "scratch" and lora_flags:
+        raise UsageError(f"{', '.join(lora_flags)}: init_from=scratch trains every weight of a new model "
+                         "(LoRA adapts a pretrained one); drop the flag")
     if not config.dataset.strip():
         raise UsageError("dataset is empty: name a hub dataset or a local directory")
     step = config.batch_size * config.gradient_accumulation_steps
@@ -123,6 +127,7 @@ def check_model(config, model, explicit):
         if key in explicit and getattr(config, key) != getattr(model.config, key):
             raise UsageError(f"{key}={getattr(config, key)}: {config.init_from} has {key}="
                              f"{getattr(model.config, key)}; only init_from=scratch takes the sizes given")
+    for key in (*SIZES, "lora_rank"):  # saved and printed as the model has them
         setattr(config, key, getattr(model.config, key))
     answer = generate.FLAGS["max_new_tokens"][0] if config.eval_test else 1
     check_prompt_room(config.prompt_template, model.config.block_size, answer, model_named(config))
@@ -372,7 +377,7 @@ def main(argv):
         with open_run(config, explicit, rank, world) as run:  # lock out_dir; resume its run or start afresh
             config = run.config
             config.wandb_log = config.wandb_log or bool(wandb_key())  # saved as it is in effect
-            check_settings(config, run.resume, world)
+            check_settings(config, explicit, run.resume, world)
             torch.manual_seed(config.seed + rank)
             records = load_rotten_tomatoes(config.dataset)  # bad data stops the run before the model loads
             run.data = fingerprint(records)

@@ -23,6 +23,7 @@ from model import GPT, GPTConfig, mark_trainable
 
 VERSION = 3
 KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
+CONFIG_KEYS = {"init_from", "dataset", "prompt_template", "max_iters", "eval_batch_size"}  # read back
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 UMASK = os.umask(0o022)
 os.umask(UMASK)  # read once: files get the usual permissions, not mkstemp's owner-only ones
@@ -111,7 +112,24 @@ def load_checkpoint(path, mmap=False):
     model = checkpoint["model"]
     if not isinstance(model, dict) or not all(map(torch.is_tensor, model.values())):
         raise CheckpointError(f"{path} is incomplete: its 'model' is not a set of tensors")
+    damaged = next((key for key, ok in damage_checks(checkpoint).items() if not ok), None)
+    if damaged:
+        raise CheckpointError(f"{path} is damaged: its {damaged} is not what train.py writes")
     return checkpoint
+
+
+def damage_checks(c):
+    """{part of a checkpoint: whether it has the form train.py writes}."""
+    base, rng = c["base"], c.get("rng", [{"cpu": None}])
+    return dict(run_id=isinstance(c["run_id"], str), iter_num=type(c["iter_num"]) is int,
+                best_val_loss=isinstance(c["best_val_loss"], (int, float)),
+                model_args=isinstance(c["model_args"], dict),
+                config=isinstance(c["config"], dict) and CONFIG_KEYS <= set(c["config"]),
+                base=base is None or isinstance(base, dict) and all(
+                    isinstance(base.get(k), str) for k in ("init_from", "fingerprint")),
+                optimizer=isinstance(c.get("optimizer", {}), dict) and isinstance(c.get("scaler", {}), dict),
+                rng=isinstance(rng, list) and len(rng) > 0 and all(isinstance(r, dict) and "cpu" in r
+                                                                    for r in rng))
 
 
 def load_model(checkpoint, base=None):
@@ -120,7 +138,8 @@ def load_model(checkpoint, base=None):
         config = GPTConfig(**checkpoint["model_args"])
     except TypeError as e:
         raise CheckpointError(f"the checkpoint's model_args are not this model's settings ({e})") from None
-    if config.n_embd % config.n_head or (config.lora_rank > 0) != (checkpoint["base"] is not None):
+    if config.n_head <= 0 or config.n_embd % config.n_head or (config.lora_rank > 0) != (
+            checkpoint["base"] is not None):
         raise CheckpointError(f"the checkpoint's model_args are inconsistent: {checkpoint['model_args']}")
     with torch.device("meta"):  # its shapes, allocating nothing: model_args may be damaged
         check_tensors(mark_trainable(GPT(config)), checkpoint)

@@ -24,7 +24,9 @@ CHECKPOINTS = {"best": ("Best Val Checkpoint", "ckpt.pt"), "last": ("Last Iter C
 RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "results.json", "last_evaluation.json")
 RESUME_KEYS = {"optimizer", "scaler", "rng"}  # ckpt_last.pt holds these too: a run resumes from it
 MACHINE = ("out_dir", "device", "dtype", "compile", "debug")  # this command's, never a resumed run's
-ARCHITECTURE = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block_size")
+# what a run is: its model, and what decides which reviews each step trains on and how they read
+FIXED = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block_size", "seed", "prompt_template",
+         "mask_prompt")
 
 
 def check_out_dir(path, flag="out_dir"):
@@ -82,13 +84,17 @@ class OutDir(contextlib.AbstractContextManager):
             self.fd = None
 
     def checkpoints(self, which):
-        """[(name, checkpoint)] of ckpt.pt ("best") and ckpt_last.pt ("last"), refused unless of one run."""
-        paths = [self.file(CHECKPOINTS[key][1]) for key in which]
-        for path in paths:
-            if not os.path.isfile(path):
-                raise UsageError(f"no checkpoint at {path}; make one with: python train.py out_dir={self.path}")
-        found = same_run({path: load_checkpoint(path) for path in paths})
-        return [(CHECKPOINTS[key][0], checkpoint) for key, checkpoint in zip(which, found.values())]
+        """[(name, checkpoint)] of ckpt.pt ("best") and ckpt_last.pt ("last"), refused unless every checkpoint
+        in out_dir is of one run (one not asked for is mapped, not read)."""
+        found = {}
+        for key, (_, name) in CHECKPOINTS.items():
+            if key in which and not os.path.isfile(self.file(name)):
+                raise UsageError(f"no checkpoint at {self.file(name)}; make one with: python train.py "
+                                 f"out_dir={self.path}")
+            if os.path.isfile(self.file(name)):
+                found[key] = load_checkpoint(self.file(name), mmap=key not in which)
+        same_run({self.file(CHECKPOINTS[key][1]): checkpoint for key, checkpoint in found.items()})
+        return [(CHECKPOINTS[key][0], found[key]) for key in which]
 
     def latest(self):
         """The latest checkpoint (tensors mapped, not read): where the run's data and base weights are now."""
@@ -126,11 +132,13 @@ def same_run(checkpoints):
     return checkpoints
 
 
-def survey(out):
-    """What out_dir holds that decides between starting and resuming (checkpoints mapped, not read)."""
+def survey(out, read_checkpoints=True):
+    """What out_dir holds that decides between starting and resuming (checkpoints mapped, not read; none
+    where they are to be replaced whatever they hold)."""
     found = dict(files={f for f in RUN_FILES if os.path.exists(out.file(f))}, metrics_run=None)
     for key, (_, name) in CHECKPOINTS.items():
-        found[key] = load_checkpoint(out.file(name), mmap=True) if name in found["files"] else None
+        readable = read_checkpoints and name in found["files"]
+        found[key] = load_checkpoint(out.file(name), mmap=True) if readable else None
     found["evaluations"] = [read_json(out.file(f)) for f in RUN_FILES[3:] if f in found["files"]]
     with contextlib.suppress(OSError, ValueError, AttributeError):
         with open(out.file("metrics.jsonl"), encoding="utf-8") as f:
@@ -179,7 +187,7 @@ def resumed_config(config, explicit, found, world):
         raise CheckpointError(f"{os.path.join(config.out_dir, 'metrics.jsonl')} holds rows of another run "
                               f"than {path}'s ({last['run_id']}); nothing was changed")
     saved = last["config"]
-    for key in ARCHITECTURE:
+    for key in FIXED:
         if key in explicit and getattr(config, key) != saved[key]:
             raise UsageError(f"{key}={getattr(config, key)!r} differs from the checkpoint's "
                              f"{key}={saved[key]!r} in {path}; drop the flag or use a new out_dir")
@@ -194,6 +202,9 @@ def resumed_config(config, explicit, found, world):
                          f"max_iters={merged.max_iters}; nothing was changed: give "
                          f"max_iters={last['iter_num']} or more to continue it")
     if "init_from" in explicit and config.init_from not in ("resume", saved["init_from"]):
+        if config.init_from == "scratch":
+            raise UsageError(f"init_from=scratch starts a new model; the run in {config.out_dir} continues "
+                             "from its own: drop the flag or use a new out_dir")
         if last["base"] is None:
             raise UsageError(f"init_from={config.init_from!r} differs from the resumed run's init_from="
                              f"{saved['init_from']!r}, and that run trains every weight, so it continues "
@@ -208,7 +219,8 @@ def open_run(config, explicit, rank=0, world=1):
     run = TrainingRun(config.out_dir, "train.py", lock=rank == 0)
     run.rank, run.world, run.master = rank, world, rank == 0
     try:
-        run.config, resume = start_or_resume(config, explicit, survey(run), world)
+        found = survey(run, read_checkpoints=not config.overwrite)
+        run.config, resume = start_or_resume(config, explicit, found, world)
         run.resume = resume and load_checkpoint(run.file("ckpt_last.pt"))  # read whole, no longer mapped
     except BaseException:
         run.close()

@@ -53,21 +53,21 @@ def test_batched_greedy_equals_one_at_a_time(lora_model, shared, monkeypatch):
     start = torch.randint(0, 50257, (shared,), generator=generator).tolist()  # like the instruction
     lengths = ([1, 0] if shared else []) + torch.randint(3, 60, (48,), generator=generator).tolist()
     prompts = [start + torch.randint(0, 50257, (n,), generator=generator).tolist() for n in lengths]
-    expanded = []
-    monkeypatch.setattr(KVCache, "expand",
-                        lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    shared_starts = []
+    monkeypatch.setattr(KVCache, "share",  # counts each start shared, by its length
+                        lambda self, real=KVCache.share: (shared_starts.append(len(self)), real(self)))
     stop = (50256, 198)
     # one prompt is the start alone: one token of it is its own
     assert common_start(prompts) == (18 if shared else 0)
-    batched = lora_model.generate_batch(prompts, 8, temperature=0.0, stop_tokens=stop,
-                                        shared=common_start(prompts))
-    assert expanded == ([len(prompts)] if shared else [])  # a common start is computed once
+    start = lora_model.start_cache(prompts[0][:common_start(prompts)])
+    batched = lora_model.generate_batch(prompts, 8, temperature=0.0, stop_tokens=stop, start=start)
+    assert shared_starts == ([18] if shared else [])  # a common start is computed once
     for prompt, got in zip(prompts, batched):
         full = greedy_one_at_a_time(lora_model, prompt, 8)
         cut = next((i + 1 for i, t in enumerate(full) if t in stop), len(full))
         assert got == full[:cut]
     assert len({len(p) for p in prompts}) > 20
-    logits = lora_model.prefill(prompts, common_start(prompts))[0]
+    logits = lora_model.prefill(prompts, start)[0]
     for prompt, row in zip(prompts, logits):
         with torch.no_grad():
             torch.testing.assert_close(row, lora_model(torch.tensor([prompt]))[0][0, -1], rtol=0, atol=1e-5)
@@ -252,7 +252,10 @@ class Scripted:
     def eval(self):
         return self
 
-    def generate_batch(self, prompts, max_new_tokens, temperature, top_k, stop_tokens, shared):
+    def start_cache(self, start):
+        return None
+
+    def generate_batch(self, prompts, max_new_tokens, temperature, top_k, stop_tokens, start):
         self.asked.append((max_new_tokens, stop_tokens))
         answer = self.answer[:max_new_tokens]
         cut = next((i + 1 for i, t in enumerate(answer) if t in stop_tokens), len(answer))

@@ -140,3 +140,100 @@ def evaluated_run(hf_gpt2_dir, small_data_dir, tmp_path):
     run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "eval_test=true")
     return out
 
+
+
+# found by a second careless user, after the items above were fixed
+
+def test_a_checkpoint_of_another_run_is_refused_even_when_only_the_other_is_asked_for(
+        finished_run, hf_gpt2_dir, small_data_dir, tmp_path, capsys):
+    out, _ = finished_run
+    other = tmp_path / "other"
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, other)[:-1], "prompt_template=question")
+    (out / "ckpt.pt").write_bytes((other / "ckpt.pt").read_bytes())
+    runs = [load_checkpoint(p)["run_id"] for p in (other / "ckpt.pt", out / "ckpt_last.pt")]
+    message = (f"these files belong to different runs: {out / 'ckpt.pt'} (run {runs[0]}), "
+               f"{out / 'ckpt_last.pt'} (run {runs[1]})")
+    fails_with(capsys, 2, f"generate.py: error: {message}", generate.main,
+               [f"out_dir={out}", "ckpt=best", "device=cpu"])
+    fails_with(capsys, 2, f"export.py: error: {message}", export.main,
+               [f"out_dir={out}", "format=peft", f"dest={tmp_path / 'adapter'}"])
+    assert not (out / "results.json").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_a_row_of_a_checkpoint_that_has_since_changed_is_dropped_at_the_next_write(
+        evaluated_run, hf_gpt2_dir, small_data_dir):
+    out = evaluated_run  # evaluated at iteration 4, then extended without a test evaluation
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
+    generate.main([f"out_dir={out}", "ckpt=best", "device=cpu"])
+    rows = json.loads((out / "results.json").read_text())["results"]
+    best = load_checkpoint(out / "ckpt.pt")["iter_num"]
+    assert [(r["checkpoint"], r["iter_num"]) for r in rows] == [("Best Val Checkpoint", best)]
+
+
+def test_overwrite_replaces_a_run_whose_checkpoints_are_damaged(finished_run, hf_gpt2_dir, small_data_dir):
+    out, before = finished_run
+    (out / "ckpt_last.pt").write_bytes(before["ckpt_last.pt"][:20000])
+    (out / "ckpt.pt").write_bytes(b"")
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out)[:-1], "overwrite=true")
+    assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 4
+
+
+@pytest.mark.parametrize("edit, part", [
+    (lambda c: c.update(base="x"), "base"),
+    (lambda c: c["base"].update(init_from=None), "base"),
+    (lambda c: c.update(run_id=["a"]), "run_id"),
+    (lambda c: c.update(iter_num="4"), "iter_num"),
+    (lambda c: c.update(config={}), "config"),
+    (lambda c: c["config"].pop("dataset"), "config"),
+    (lambda c: c.update(rng=None), "rng"),
+    (lambda c: c.update(optimizer=[]), "optimizer"),
+])
+def test_a_checkpoint_with_a_damaged_part_is_one_line(finished_run, hf_gpt2_dir, small_data_dir, capsys,
+                                                      edit, part):
+    out, _ = finished_run
+    path = out / "ckpt_last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, path)
+    message = f"{path} is damaged: its {part} is not what train.py writes"
+    fails_with(capsys, 2, f"train.py: error: {message}", run_train,
+               *tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "max_iters=6")
+    fails_with(capsys, 2, f"generate.py: error: {message}", generate.main, [f"out_dir={out}", "device=cpu"])
+
+
+def test_a_model_args_head_count_of_zero_is_one_line(finished_run, capsys):
+    out, _ = finished_run
+    for name in ("ckpt.pt", "ckpt_last.pt"):
+        checkpoint = torch.load(out / name, weights_only=True)
+        checkpoint["model_args"]["n_head"] = 0
+        torch.save(checkpoint, out / name)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        generate.main([f"out_dir={out}", "device=cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("generate.py: error: the checkpoint's model_args are inconsistent")
+
+
+def test_lora_flags_with_a_model_from_scratch_are_refused_and_its_rank_is_saved_as_zero(
+        small_data_dir, tmp_path, capsys):
+    flags = ["init_from=scratch", f"dataset={small_data_dir}", "n_layer=1", "n_embd=32", "n_head=2",
+             "block_size=128", "max_iters=1", "batch_size=8", "gradient_accumulation_steps=1"]
+    fails_with(capsys, 2, "train.py: error: lora_alpha, lora_rank: init_from=scratch trains every weight of "
+               "a new model (LoRA adapts a pretrained one); drop the flag", run_train, *flags, "rank=8",
+               "alpha=32", f"out_dir={tmp_path / 'a'}")
+    run_train(*flags, f"out_dir={tmp_path / 'b'}")
+    assert "lora_rank = 0" in capsys.readouterr().out.splitlines()
+    assert load_checkpoint(tmp_path / "b" / "ckpt.pt")["config"]["lora_rank"] == 0
+
+
+def test_a_submission_zip_that_cannot_be_written_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    result = subprocess.run([sys.executable, "-m", "tools.report", "submission",
+                             str(tmp_path / "no" / "x.zip")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stderr) == (
+        2, f"report.py: error: could not write {tmp_path / 'no' / 'x.zip'} (No such file or directory); the "
+           "previous file, if any, is intact\n")

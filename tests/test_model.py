@@ -90,9 +90,9 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
     for i, row in enumerate(rows):  # right-padded, targets on each row's last two tokens, as in training
         idx[i, :len(row)] = torch.tensor(row)
         targets[i, len(row) - 3:len(row) - 1] = idx[i, len(row) - 2:len(row)]
-    expanded = []
-    monkeypatch.setattr(KVCache, "expand",
-                        lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    shared_starts = []
+    monkeypatch.setattr(KVCache, "share",  # counts each start shared, by its length
+                        lambda self, real=KVCache.share: (shared_starts.append(len(self)), real(self)))
     model.eval()
     shared = common_start(rows)
     assert shared == 19
@@ -101,7 +101,7 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
         none, loss = model(idx, targets, reduction="sum", shared=shared)
         reference, _ = model(idx)
         _, unshared_loss = model(idx, targets, reduction="sum")
-    assert expanded == [4, 4]  # computed once per batch, with and without targets
+    assert shared_starts == [19, 19]  # computed once per batch, with and without targets
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
     keep = targets != -100
     assert none is None
@@ -111,7 +111,7 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
         unshared_loss, torch.nn.functional.cross_entropy(reference[keep], targets[keep], reduction="sum"),
         rtol=0, atol=0)
     model(idx)
-    assert expanded == [4, 4]  # shared=0 computes every row whole
+    assert shared_starts == [19, 19]  # shared=0 computes every row whole
 
 
 ROWS = {"a shared start": (19, (5, 30, 12, 2)), "nothing shared": (0, (20, 25, 9, 30)),
@@ -155,12 +155,12 @@ def test_training_computes_the_common_start_once_with_the_same_loss_and_gradient
                                                                                   monkeypatch):
     model, idx, targets, shared = training_model_and_batch(hf_gpt2_dir, rows, rank)
     assert shared == ROWS[rows][0]
-    expanded = []
-    monkeypatch.setattr(KVCache, "expand",
-                        lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    shared_starts = []
+    monkeypatch.setattr(KVCache, "share",  # counts each start shared, by its length
+                        lambda self, real=KVCache.share: (shared_starts.append(len(self)), real(self)))
     results = {share: loss_and_gradients(model, idx, targets, shared if share else 0)
                for share in (True, False)}
-    assert expanded == ([4] if ROWS[rows][0] else [])  # the common start was computed once, as a batch of one
+    assert shared_starts == ([19] if ROWS[rows][0] else [])  # computed once, as a batch of one
     (shared_loss, shared_grads), (loss, grads) = results[True], results[False]
     torch.testing.assert_close(shared_loss, loss, rtol=0, atol=1e-5)
     assert set(shared_grads) == set(grads) and len(grads) == (12 if rank else 36)
@@ -173,12 +173,12 @@ def test_training_computes_the_common_start_once_with_the_same_loss_and_gradient
 def test_under_autocast_the_shared_start_is_as_accurate_as_every_row_whole(hf_gpt2_dir, dtype, monkeypatch):
     model, idx, targets, start = training_model_and_batch(hf_gpt2_dir, "a shared start", rank=8)
     exact_loss, exact = loss_and_gradients(model, idx, targets, 0)
-    expanded = []
-    monkeypatch.setattr(KVCache, "expand",
-                        lambda self, n, real=KVCache.expand: (expanded.append(n), real(self, n)))
+    shared_starts = []
+    monkeypatch.setattr(KVCache, "share",  # counts each start shared, by its length
+                        lambda self, real=KVCache.share: (shared_starts.append(len(self)), real(self)))
     (shared_loss, shared), (whole_loss, whole) = (loss_and_gradients(model, idx, targets, n, dtype)
                                                   for n in (start, 0))
-    assert expanded == [4]
+    assert shared_starts == [19]
     assert abs(shared_loss - exact_loss) <= 2 * abs(whole_loss - exact_loss) + 1e-3 * exact_loss
     for name, grad in exact.items():  # rounding of the lower precision, and nothing more
         scale = grad.abs().max()

@@ -13,7 +13,7 @@ from dataloader import (CONTENT_FREE, common_start, draw_demonstrations, encode_
                         get_sentiment_prompt, get_tokenizer, load_rotten_tomatoes)
 from generate import calibrated, content_free_p_positive, label_logits, predict_labels, with_log_odds
 from harness.flags import defaults
-from model import GPT
+from model import GPT, KVCache
 from test_run_safety import fails_with
 
 CPU = contextlib.nullcontext()
@@ -76,13 +76,18 @@ def model(hf_gpt2_dir):
     return GPT.from_pretrained(str(hf_gpt2_dir)).eval()
 
 
-def test_sharing_the_demonstrations_gives_the_label_probabilities_of_whole_prompts(model, small_data_dir):
+def test_sharing_the_demonstrations_gives_the_label_probabilities_of_whole_prompts(model, small_data_dir,
+                                                                                  monkeypatch):
     splits = load_rotten_tomatoes(str(small_data_dir))
     prefix = few_shot_prefix([splits["train"][i] for i in draw_demonstrations(splits, 2, 3)])
     records = splits["test"][::4]
     prompts = [encode_prompt(r["text"], prefix=prefix) for r in records]
-    assert common_start(prompts) >= len(get_tokenizer().encode_ordinary(prefix))  # computed once a batch
+    assert common_start(prompts) >= len(get_tokenizer().encode_ordinary(prefix))
+    starts = []
+    monkeypatch.setattr(KVCache, "share",
+                        lambda self, real=KVCache.share: (starts.append(len(self)), real(self)))
     shared = label_logits(model, prompts, defaults(generate.FLAGS, batch_size=8), CPU)
+    assert starts == [common_start(prompts)]  # once for the evaluation's two batches
     whole = label_logits(model, prompts, defaults(generate.FLAGS, batch_size=8, share_prefix=False), CPU)
     torch.testing.assert_close(torch.tensor(shared), torch.tensor(whole), rtol=0, atol=1e-5)
     config = defaults(generate.FLAGS, batch_size=8)

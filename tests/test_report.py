@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import zipfile
@@ -22,8 +23,8 @@ TINY = "batch_size=8 gradient_accumulation_steps=2 eval_interval=1"
 
 def run_report(results, hf_dir, data_dir, *flags):
     cmd = [sys.executable, "-m", "tools.report", f"results_dir={results}", f"init_from={hf_dir}",
-           f"dataset={data_dir}", "device=cpu", "max_iters=2", f"extra={TINY}", *flags]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+           f"dataset={data_dir}", "device=cpu", "max_iters=2", f"extra={TINY}", "shots=", *flags]
+    result = subprocess.run(last_wins(*cmd), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -42,7 +43,8 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
 
-    out = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full")
+    prompting = ("shots=0,2", "shot_seeds=2")
+    out = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full", *prompting)
     assert f"resuming {results / 'full'} at iteration 0 of 2" in out
     markdown = (results / "results.md").read_text()
     for run in ("r16_a64", "full"):
@@ -65,11 +67,28 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     assert [r["iter"] for r in full_metrics if "val_loss" in r] == [0, 1, 2]
     assert [r["iter"] for r in full_metrics if "train_loss" in r] == [1, 2]  # resumed, not restarted twice
 
+    for name, runs in (("zero-shot", ["k0_seed0"]), ("2-shot", ["k2_seed0", "k2_seed1"])):
+        for calibrated in ("", "_calibrated"):
+            accuracies = []
+            for run in runs:
+                saved = json.loads((results / "prompting" / (run + calibrated) /
+                                    ("results.json" if run + calibrated == "k0_seed0" else "last_evaluation.json"))
+                                   .read_text())["results"]
+                assert [(r["method"], r["settings"]["calibrate"]) for r in saved] == [("logprob", bool(calibrated))]
+                accuracies.append(saved[0]["accuracy"])
+            shown = (f"{statistics.mean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f}"
+                     if len(runs) > 1 else f"{accuracies[0]:.4f}")
+            label = name + (", calibrated" if calibrated else "")
+            assert table_rows(markdown, label) == [f"| {label} | {shown} | {len(runs)} of {len(runs)} |"]
+    best = json.loads((results / "r16_a64" / "results.json").read_text())["results"][0]["accuracy"]
+    assert table_rows(markdown, report.LABELS["r16_a64"] + " (fine-tuned)") == [
+        f"| {report.LABELS['r16_a64']} (fine-tuned) | {best:.4f} | 1 |"]
+
     stamps = {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")}
-    again = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full")
+    again = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full", *prompting)
     assert ("zero-shot: done already" in again and "r16_a64: done already" in again
-            and "full: done already" in again)
-    assert "train.py" not in again
+            and "full: done already" in again and "prompting k2_seed1_calibrated: done already" in again)
+    assert "train.py" not in again and "generate.py" not in again
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")} == stamps
 
     plotted = json.loads((results / "val_loss.json").read_text())
@@ -120,7 +139,7 @@ def test_what_the_flags_tell_stops_report_before_its_first_command(hf_gpt2_dir, 
                                                                    message):
     (tmp_path / "file").write_text("")
     cmd = [sys.executable, "-m", "tools.report", f"results_dir={tmp_path / 'results'}", f"init_from={hf_gpt2_dir}",
-           f"dataset={small_data_dir}", "device=cpu"]
+           f"dataset={small_data_dir}", "device=cpu", "shots="]
     result = subprocess.run(last_wins(*cmd, *(f.format(tmp=tmp_path) for f in flags)), cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr) == (2, f"report.py: error: {message.format(tmp=tmp_path, hf=hf_gpt2_dir)}\n")
@@ -130,7 +149,7 @@ def test_what_the_flags_tell_stops_report_before_its_first_command(hf_gpt2_dir, 
 def test_a_command_that_refuses_is_passed_on_as_its_one_line(hf_gpt2_dir, small_data_dir, tmp_path):
     (tmp_path / "r16_a64").write_text("not a run")  # train.py refuses such an out_dir
     cmd = [sys.executable, "-m", "tools.report", f"results_dir={tmp_path}", f"init_from={hf_gpt2_dir}",
-           f"dataset={small_data_dir}", "device=cpu", "runs=r16_a64", "zero_shot=false"]
+           f"dataset={small_data_dir}", "device=cpu", "runs=r16_a64", "zero_shot=false", "shots="]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr) == (2, f"train.py: error: out_dir={str(tmp_path / 'r16_a64')!r} is "
                                                      "a file, not a directory\n")
@@ -169,7 +188,7 @@ def test_colab_notebook_runs_from_uploaded_files_and_again(hf_gpt2_dir, data_dir
     assert made.returncode == 0, made.stderr
     parameters = dict(REPO_URL="", MODEL=str(hf_gpt2_dir), MAX_ITERS=2, RUNS="r16_a64", RESULTS_DIR="results",
                       USE_DRIVE=False, DATASET=str(data_dir), DEVICE="cpu", EXTRA=TINY + " eval_iters=2",
-                      USE_WANDB=False)
+                      SHOTS="", USE_WANDB=False)
     nb = notebook(**parameters)
     printed = execute(nb, content)
     results = content / "results"
@@ -212,7 +231,7 @@ def test_a_run_is_reused_only_with_the_settings_asked_for(hf_gpt2_dir, small_dat
     save_random_hf_gpt2(other, seed=1)
     cmd = [sys.executable, "-m", "tools.report", f"results_dir={results}", f"init_from={other}",
            f"dataset={small_data_dir}", "device=cpu", "max_iters=2", f"extra={TINY}", "runs=r16_a64",
-           "zero_shot=false"]
+           "zero_shot=false", "shots="]
     refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2
     assert refused.stderr == (f"report.py: error: {run_dir} holds a run with other settings "
@@ -251,3 +270,22 @@ def test_submission_zip_holds_every_file_the_scripts_need_and_no_key(tmp_path):
                                capture_output=True, text=True, timeout=120)
         name = script[-1].replace("tools.", "") + ".py" * (script[0] == "-m")
         assert shown.returncode == 0 and shown.stdout.startswith(f"usage: python {name}"), shown.stderr
+
+
+@pytest.mark.parametrize("shots", ["0,8", "4,x"])
+def test_shots_that_cannot_run_stop_report_before_its_first_command(hf_gpt2_dir, small_data_dir, tmp_path, shots):
+    from dataloader import check_demonstrations_fit, draw_demonstrations, load_rotten_tomatoes
+    splits = load_rotten_tomatoes(str(small_data_dir))
+    message = f"shots={shots!r}: expected whole numbers >= 0, comma-separated"
+    if shots == "0,8":
+        with pytest.raises(Exception) as e:  # the first demonstration set that does not fit is named
+            for seed in range(2):
+                demonstrations = [splits["train"][i] for i in draw_demonstrations(splits, 8, seed)]
+                check_demonstrations_fit(demonstrations, splits["test"], "default", 256, 0)
+        message = str(e.value)
+    result = subprocess.run([sys.executable, "-m", "tools.report", f"results_dir={tmp_path / 'results'}",
+                             f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", "device=cpu",
+                             "runs=r16_a64", f"shots={shots}", "shot_seeds=2"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert (result.returncode, result.stderr) == (2, f"report.py: error: {message}\n")
+    assert os.listdir(tmp_path) == []

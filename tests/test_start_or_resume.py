@@ -61,6 +61,18 @@ CASES = [  # (flags, out_dir as found, "start" | "resume" | the refusal)
                                                            "o/ckpt_last.pt's (a); nothing was changed"),
     (["resume=auto", "rank=8"], found(**RUN), "lora_rank=8 differs from the checkpoint's lora_rank=128 in "
                                               "o/ckpt_last.pt; drop the flag or use a new out_dir"),
+    (["resume=auto", "seed=7"], found(**RUN), "seed=7 differs from the checkpoint's seed=1337 in "
+                                              "o/ckpt_last.pt; drop the flag or use a new out_dir"),
+    (["resume=auto", "prompt_template=question"], found(**RUN),
+     "prompt_template='question' differs from the checkpoint's prompt_template='default' in o/ckpt_last.pt; "
+     "drop the flag or use a new out_dir"),
+    (["resume=auto", "mask_prompt=false"], found(**RUN),
+     "mask_prompt=False differs from the checkpoint's mask_prompt=True in o/ckpt_last.pt; drop the flag or "
+     "use a new out_dir"),
+    (["resume=auto", "seed=1337", "mask_prompt=true"], found(**RUN), "resume"),  # its own values
+    (["resume=auto", "init_from=scratch"], found(**RUN), "init_from=scratch starts a new model; the run in o "
+                                                         "continues from its own: drop the flag or use a new "
+                                                         "out_dir"),
     (["resume=auto", "max_iters=1"], found(**RUN),
      "out_dir='o' holds a run at iteration 2, past max_iters=1; nothing was changed: give max_iters=2 or "
      "more to continue it"),

@@ -17,7 +17,7 @@ import torch
 
 import generate
 import train
-from dataloader import SPLITS, CustomDataLoader
+from dataloader import SPLITS, CustomDataLoader, draw_demonstrations, few_shot_prefix
 from harness.checkpoints import base_fingerprint, checkpoint_of, save_checkpoint
 from harness.device import autocast, device_and_dtype, device_name
 from harness.flags import defaults, parse_flags
@@ -30,7 +30,8 @@ FLAGS = {
     "dataset": (os.environ.get("ROTTEN_TOMATOES_DIR", ""), "local directory with train/validation/test.jsonl"),
     "shape": ("medium", "the model's shape: medium (gpt2-medium, 355 M) or gpt2 (124 M, which a CPU can run)",
               ("medium", "gpt2")),
-    "parts": ("train,step,memory,evaluate,writes,end_to_end", "which measurements, comma-separated"),
+    "parts": ("train,step,memory,evaluate,prompting,writes,end_to_end", "which measurements, comma-separated"),
+    "shots": (8, "prompting: demonstrations before each review, against none"),
     "batch_size": (32, "reviews per training step (one micro-batch: train.py's)"),
     "steps": (10, "timed training steps"),
     "warmup": (3, "untimed training steps before them"),
@@ -46,7 +47,7 @@ DEFAULT_EXPERIMENT_REVIEWS = 80 * 128  # train.py's max_iters x examples per ste
 MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024)
 GPT2 = dict(n_layer=12, n_head=12, n_embd=768)
 TINY = dict(n_layer=2, n_head=4, n_embd=64)
-PARTS = ("train", "step", "memory", "evaluate", "writes", "end_to_end")
+PARTS = ("train", "step", "memory", "evaluate", "prompting", "writes", "end_to_end")
 
 
 def synchronize(device):
@@ -276,6 +277,29 @@ def bench_evaluation(shape, loader, config, device, dtype):
     return rows
 
 
+def bench_prompting(shape, loader, config, device, dtype):
+    """The test split's evaluation with config.shots demonstrations before each review against none (method
+    logprob and generate): the demonstrations, the same in every row, are computed once per batch and
+    never copied per row."""
+    _, ours = hf_and_ours(shape, 0, device)
+    splits = {split: loader.records[split] for split in SPLITS}
+    prefix = few_shot_prefix([splits["train"][i] for i in draw_demonstrations(splits, config.shots, 0)])
+    records, rows = loader.records["test"], []
+    for method in ("logprob", "generate"):
+        seconds = {}
+        for shots in (0, config.shots):
+            settings = defaults(generate.FLAGS, batch_size=config.eval_batch_size)
+            synchronize(device)
+            start = time.perf_counter()
+            generate.predict_labels(ours, records, method, settings, autocast(device, dtype),
+                                    prefix if shots else "")
+            synchronize(device)
+            seconds[shots] = time.perf_counter() - start
+            rows.append(dict(what=f"{method} {len(records)} reviews, {shots}-shot", who="ours",
+                             seconds=seconds[shots], cost_vs_zero_shot=seconds[shots] / seconds[0]))
+    return rows
+
+
 def bench_checkpoint_writes(shape, repeats=2):
     """What an improving evaluation writes for LoRA r=128 (ckpt.pt, then ckpt_last.pt), against the
     layout that stored the whole model with its optimizer in ckpt.pt: seconds and megabytes, to disk."""
@@ -370,6 +394,9 @@ def print_table(rows):
             print(f"{r['what']}: {r['seconds']:.1f} s, of which the training loop {r['loop_s']:.1f} s: steps "
                   f"{r['train_steps_s']:.1f} s, validation {r['validation_s']:.1f} s, checkpoint writes and "
                   f"logging {r['loop_rest_s']:.1f} s")
+    for r in rows:
+        if r.get("cost_vs_zero_shot", 1) != 1:
+            print(f"{r['what']} ({r['who']}): {r['cost_vs_zero_shot']:.2f} x the 0-shot evaluation's time")
     for note in dict.fromkeys(r["note"] for r in rows if "note" in r):
         print(f"projected T4 rows are not measured: {note}")
 
@@ -393,6 +420,7 @@ def main(argv):
     rows += bench_train_step(shape, loader, config, device, dtype) if "step" in parts else []
     rows += bench_activation_memory(shape, loader, device, dtype) if "memory" in parts else []
     rows += bench_evaluation(shape, loader, config, device, dtype) if "evaluate" in parts else []
+    rows += bench_prompting(shape, loader, config, device, dtype) if "prompting" in parts else []
     rows += bench_checkpoint_writes(shape) if "writes" in parts else []
     rows += bench_end_to_end(shape, dataset, config, device) if "end_to_end" in parts else []
     train_ids = loader.examples["train"]

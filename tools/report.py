@@ -8,12 +8,15 @@
 Each run is `python train.py <its flags> out_dir=<results_dir>/<run> resume=auto ...`: a finished
 run (its results.json holds both checkpoints' test accuracy) is skipped and an interrupted one
 resumes, but only where its settings are the ones asked for now; a run with other settings stops
-report.py unless overwrite=true replaces it. Then it writes results.md (the tables), val_loss.png
+report.py unless overwrite=true replaces it. The prompting baselines (shots= demonstrations per review, each
+drawn shot_seeds times, with and without contextual calibration) are evaluations of init_from with
+generate.py, skipped where done. Then it writes results.md (the tables), val_loss.png
 and val_loss_alpha.png (validation loss against iteration) and val_loss.json (the plotted numbers)
 into results_dir.
 """
 import ast
 import contextlib
+import statistics
 import ctypes
 import json
 import os
@@ -26,6 +29,7 @@ import zipfile
 import torch
 
 import train
+from dataloader import check_demonstrations_fit, draw_demonstrations, load_rotten_tomatoes
 from generate import is_tested, read_results
 from harness.checkpoints import atomic_write, load_checkpoint, loading_weights
 from harness.device import device_and_dtype
@@ -58,6 +62,9 @@ FLAGS = {
     "dataset": ("rotten_tomatoes", "hub dataset name or local directory"),
     "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
     "zero_shot": (True, "also the zero-shot accuracy of init_from"),
+    "shots": ("0,4,8", "prompting baselines (method=logprob, with and without calibration): demonstrations "
+                       "per review, comma-separated; empty = none"),
+    "shot_seeds": (5, "demonstration sets drawn per number of shots (0 shots: one)", "> 0"),
     "extra": ("", "more train.py flags for every run, space-separated"),
     "overwrite": (False, "replace a run whose settings differ from the ones asked for now (else it stops)"),
 }
@@ -143,21 +150,34 @@ def train_argv(config, run):
 
 
 def check_grid(config, names):
-    """What the flags tell before the first command: the device, results_dir, init_from and every run's
-    rank fit, so that a grid never stops on them halfway."""
+    """What the flags tell before the first command: the device, results_dir, init_from, every run's rank
+    and the most demonstrations fit, so that a grid never stops on them halfway."""
     ranks = {run: parse_flags("report.py", train.FLAGS, train_argv(config, run))[0].lora_rank
              for run in names}
     device_and_dtype(config.device, "auto")
     check_out_dir(config.results_dir, "results_dir")
+    if config.init_from == "scratch" and shot_counts(config):
+        raise UsageError("shots= prompts a pretrained model, which init_from=scratch is not: give shots=")
+    lora = next((run for run, rank in ranks.items() if rank and config.init_from == "scratch"), None)
+    if lora:
+        raise UsageError(f"runs={lora}: LoRA adapts a pretrained model, which init_from=scratch is not; "
+                         "choose runs=full or another init_from")
     if config.init_from == "scratch":
         return
     with loading_weights("init_from", config.init_from):
         from transformers import GPT2Config
-        width = GPT2Config.from_pretrained(config.init_from).n_embd
+        model = GPT2Config.from_pretrained(config.init_from)
+    width = model.n_embd
     for run, rank in ranks.items():
         if rank > width:
             raise UsageError(f"runs={run}: lora_rank={rank} is more than the {width}-wide layers of "
                              f"{config.init_from}; choose other runs or another init_from")
+    if shot_counts(config):
+        splits = load_rotten_tomatoes(config.dataset)
+        for seed in range(config.shot_seeds):  # the most shots, with each seed's demonstrations
+            ids = draw_demonstrations(splits, max(shot_counts(config)), seed)
+            check_demonstrations_fit([splits["train"][i] for i in ids], splits["test"], "default",
+                                     model.n_positions, 0)
 
 
 def run_grid(config, names):
@@ -184,6 +204,67 @@ def run_grid(config, names):
             print(f"{run}: done already ({out_dir})")
             continue
         run_command([sys.executable, os.path.join(HERE, "train.py"), *argv])
+    for shots, seed, calibrate in prompting_cases(config):
+        name = prompting_dir(shots, seed, calibrate)
+        if prompting_row(config, shots, seed, calibrate):
+            print(f"prompting {name}: done already")
+            continue
+        out_dir = os.path.join(config.results_dir, "prompting", name)
+        run_command([sys.executable, os.path.join(HERE, "generate.py"), f"out_dir={out_dir}",
+                     f"init_from={config.init_from}", f"dataset={config.dataset}", f"device={config.device}",
+                     "method=logprob", f"shots={shots}", f"shot_seed={seed}", f"calibrate={calibrate}"])
+
+
+def shot_counts(config):
+    """The numbers of demonstrations in shots=."""
+    counts = [k.strip() for k in config.shots.split(",") if k.strip()]
+    if not all(k.isdigit() for k in counts):
+        raise UsageError(f"shots={config.shots!r}: expected whole numbers >= 0, comma-separated")
+    return sorted({int(k) for k in counts})
+
+
+def prompting_cases(config):
+    """(shots, seed, calibrate) of each prompting evaluation: every seed of each number of shots (one
+    for none, which has no demonstrations to draw), each without and with calibration."""
+    return [(shots, seed, calibrate) for shots in shot_counts(config)
+            for seed in range(config.shot_seeds if shots else 1) for calibrate in (False, True)]
+
+
+def prompting_dir(shots, seed, calibrate):
+    return f"k{shots}_seed{seed}" + ("_calibrated" if calibrate else "")
+
+
+def prompting_row(config, shots, seed, calibrate):
+    """The logprob test accuracy of init_from with these demonstrations, if it has been measured."""
+    out_dir = os.path.join(config.results_dir, "prompting", prompting_dir(shots, seed, calibrate))
+    wanted = dict(init_from=config.init_from, dataset=config.dataset, num_examples=0, shots=shots,
+                  shot_seed=seed if shots else 0, calibrate=calibrate)
+    for name in ("results.json", "last_evaluation.json"):
+        results = read_results(os.path.join(out_dir, name))
+        for row in results["results"] if results and results.get("split") == "test" else []:
+            if row["method"] == "logprob" and all(row["settings"].get(k) == v for k, v in wanted.items()):
+                return row
+    return None
+
+
+def prompting_table(config, summaries):
+    """Prompting baselines beside the fine-tuned runs: mean ± sample std over the demonstration sets."""
+    lines = ["## Prompting against fine-tuning", "",
+             f"Prompting: {config.init_from}'s likelier label word (method=logprob); mean ± standard "
+             "deviation over the demonstration sets drawn. Fine-tuned: the Best Val Checkpoint's generated "
+             "answers.", "", "| method | test accuracy | evaluations |", "|---|---|---|"]
+    for shots in shot_counts(config):
+        for calibrate in (False, True):
+            seeds = range(config.shot_seeds if shots else 1)
+            rows = [prompting_row(config, shots, seed, calibrate) for seed in seeds]
+            name = (f"{shots}-shot" if shots else "zero-shot") + (", calibrated" if calibrate else "")
+            accuracies = [r["accuracy"] for r in rows if r]
+            spread = f" ± {statistics.stdev(accuracies):.4f}" if len(accuracies) > 1 else ""
+            shown = f"{statistics.mean(accuracies):.4f}{spread}" if accuracies else "not run yet"
+            lines.append(f"| {name} | {shown} | {len(accuracies)} of {len(rows)} |")
+    for run, s in summaries.items():
+        lines.append(f"| {LABELS[run]} (fine-tuned) | {s['best']['accuracy']:.4f} | 1 |")
+    return lines + [""]
 
 
 def run_summary(out_dir, checkpoint):
@@ -233,6 +314,8 @@ def write_markdown(config, summaries):
                   f"{zero['settings']['device']} |", ""]
     for title, names in TABLES:
         lines += [f"## {title}", "", *table(names, summaries), ""]
+    if shot_counts(config):
+        lines += prompting_table(config, summaries)
     path = os.path.join(config.results_dir, "results.md")
     atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     return path
@@ -301,7 +384,8 @@ def write_submission(path="submission.zip"):
 
 def main(argv):
     if argv[:1] == ["submission"] and len(argv) <= 2:
-        return write_submission(*argv[1:])
+        with reported_errors("report.py"):
+            return write_submission(*argv[1:])
     config, _ = parse_flags("report.py", FLAGS, argv, __doc__)
     names = list(RUNS) if config.runs == "all" else [r.strip() for r in config.runs.split(",") if r.strip()]
     unknown = [r for r in names if r not in RUNS]
