@@ -75,21 +75,24 @@ class CausalSelfAttention(nn.Module):
         # query, key, value for all heads: (B, nh, T, hs)
         q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for proj in (self.q_attn, self.k_attn, self.v_attn))
-        shared, dropout = None, self.dropout if self.training else 0.0
+        shared = None
         if kv_cache is not None:  # the earlier tokens' keys and values come first: (B, nh, past + T, hs)
             k, v = kv_cache.extend(layer, k, v)
             shared = kv_cache.shared[layer]
         # causal attention, or attn_mask (B or 1, 1, T, past + T) where there is padding or a past
-        if shared is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                               is_causal=attn_mask is None and T > 1, dropout_p=dropout)
+        if shared is not None and not self.training:  # evaluation: the shared start is never copied
+            y = attention_after_shared_start(q, k, v, shared, attn_mask[..., shared[0].size(2):])
         else:
-            y = attention_after_shared_start(q, k, v, shared, attn_mask[..., shared[0].size(2):], dropout)
+            if shared is not None:  # training: copied to every row here, so that SDPA's backward saves little
+                k, v = (torch.cat([s.expand(B, -1, -1, -1), own], dim=2) for s, own in zip(shared, (k, v)))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               is_causal=attn_mask is None and T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
 
-def attention_after_shared_start(q, k, v, shared, mask, dropout=0.0):
+def attention_after_shared_start(q, k, v, shared, mask):
     """Causal attention of queries q (B, nh, T, hs) over a start every row shares (its keys and values
     (1, nh, S, hs), never copied per row) and then each row's own keys and values (B, nh, t, hs) where
     mask (B or 1, 1, T, t) allows: the rows' queries meet the start as one batch, one softmax spans both."""
@@ -99,8 +102,7 @@ def attention_after_shared_start(q, k, v, shared, mask, dropout=0.0):
     queries = q.transpose(0, 1).reshape(nh, B * T, hs)
     to_start = (queries @ start_k[0].transpose(1, 2)).view(nh, B, T, S).transpose(0, 1)
     to_own = (q @ k.transpose(2, 3)).float().masked_fill(~mask, float("-inf"))
-    weights = torch.cat([to_start.float(), to_own], dim=3).div(math.sqrt(hs)).softmax(dim=3)
-    weights = F.dropout(weights, dropout).to(v.dtype)
+    weights = torch.cat([to_start.float(), to_own], dim=3).div(math.sqrt(hs)).softmax(dim=3).to(v.dtype)
     from_start = weights[..., :S].transpose(0, 1).reshape(nh, B * T, S) @ start_v[0]
     return from_start.view(nh, B, T, hs).transpose(0, 1) + weights[..., S:] @ v
 

@@ -29,7 +29,7 @@ import zipfile
 import torch
 
 import train
-from dataloader import check_demonstrations_fit, draw_demonstrations, load_rotten_tomatoes
+from dataloader import DataError, check_demonstrations_fit, draw_demonstrations, load_rotten_tomatoes
 from generate import is_tested, read_results
 from harness.checkpoints import atomic_write, load_checkpoint, loading_weights
 from harness.device import device_and_dtype
@@ -392,7 +392,7 @@ def main(argv):
     if unknown or not names:
         fail("report.py", f"runs={config.runs!r}: expected all or a comma-separated list of "
                           f"{', '.join(RUNS)}")
-    with reported_errors("report.py"):
+    with reported_errors("report.py", also=(DataError,)):
         check_grid(config, names)
         run_grid(config, names)
         summaries = {}
