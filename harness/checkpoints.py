@@ -120,16 +120,18 @@ def load_checkpoint(path, mmap=False):
 
 def damage_checks(c):
     """{part of a checkpoint: whether it has the form train.py writes}."""
-    base, rng = c["base"], c.get("rng", [{"cpu": None}])
-    return dict(run_id=isinstance(c["run_id"], str), iter_num=type(c["iter_num"]) is int,
-                best_val_loss=isinstance(c["best_val_loss"], (int, float)),
-                model_args=isinstance(c["model_args"], dict),
-                config=isinstance(c["config"], dict) and CONFIG_KEYS <= set(c["config"]),
-                base=base is None or isinstance(base, dict) and all(
-                    isinstance(base.get(k), str) for k in ("init_from", "fingerprint")),
-                optimizer=isinstance(c.get("optimizer", {}), dict) and isinstance(c.get("scaler", {}), dict),
-                rng=isinstance(rng, list) and len(rng) > 0 and all(isinstance(r, dict) and "cpu" in r
-                                                                    for r in rng))
+    base, optimizer, rng = c["base"], c.get("optimizer"), c.get("rng")
+    checks = dict(run_id=isinstance(c["run_id"], str), iter_num=type(c["iter_num"]) is int,
+                  best_val_loss=isinstance(c["best_val_loss"], (int, float)),
+                  model_args=isinstance(c["model_args"], dict),
+                  config=isinstance(c["config"], dict) and CONFIG_KEYS <= set(c["config"]),
+                  base=base is None or isinstance(base, dict) and all(
+                      isinstance(base.get(k), str) for k in ("init_from", "fingerprint")))
+    if "rng" in c or "optimizer" in c:  # ckpt_last.pt: what a run resumes from
+        checks.update(optimizer=isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer),
+                      rng=isinstance(rng, list) and len(rng) > 0 and all(
+                          isinstance(r, dict) and torch.is_tensor(r.get("cpu")) and "cuda" in r for r in rng))
+    return checks
 
 
 def load_model(checkpoint, base=None):

@@ -187,6 +187,9 @@ def test_overwrite_replaces_a_run_whose_checkpoints_are_damaged(finished_run, hf
     (lambda c: c["config"].pop("dataset"), "config"),
     (lambda c: c.update(rng=None), "rng"),
     (lambda c: c.update(optimizer=[]), "optimizer"),
+    (lambda c: c.update(optimizer={}), "optimizer"),
+    (lambda c: c.update(rng=[{}]), "rng"),
+    (lambda c: c.update(best_val_loss="x"), "best_val_loss"),
 ])
 def test_a_checkpoint_with_a_damaged_part_is_one_line(finished_run, hf_gpt2_dir, small_data_dir, capsys,
                                                       edit, part):
