@@ -127,8 +127,8 @@ def predict_labels(model, records, method, config, ctx, prefix=""):
     method generate reads the label off the generated answer; logprob takes the likelier label word."""
     model.eval()  # merges LoRA into the weights
     generated = config.max_new_tokens if method == "generate" else 0
-    check_prompt_room(config.prompt_template, model.config.block_size, generated)
-    room = model.config.block_size - generated
+    check_prompt_room(config.prompt_template, model.context_length, generated)
+    room = model.context_length - generated
     prompts = [encode_prompt(r["text"], config.prompt_template, room, prefix) for r in records]
     if method == "generate":
         return [dict(text=r["text"], label=r["label"], continuation=answer,
@@ -328,7 +328,7 @@ def few_shot(config, splits, records, checkpoint):
             from transformers import GPT2Config  # its config alone: the weights load after this check
             context = GPT2Config.from_pretrained(config.init_from).n_positions
     else:
-        context = checkpoint["model_args"]["block_size"]
+        context = checkpoint["model_args"]["block_size"] - checkpoint["model_args"].get("prefix_length", 0)
     answer = config.max_new_tokens if config.method != "logprob" or config.text or config.file else 0
     check_demonstrations_fit(demonstrations, records, config.prompt_template, context, answer)
     return few_shot_prefix(demonstrations, config.prompt_template), ids

@@ -10,7 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adapters import Adapter, mark_only_adapters_as_trainable
+from bitfit import mark_only_biases_as_trainable
 from lora import LoRALinear, mark_only_lora_as_trainable
+from prefix import Prefix, mark_only_prefix_as_trainable
 
 
 @dataclass
@@ -25,6 +28,9 @@ class GPTConfig:
     lora_rank: int = 0
     lora_alpha: float = 0.0
     lora_dropout: float = 0.0
+    method: str = "lora"  # what trains: lora (every weight at lora_rank 0), bitfit, adapter or prefix
+    adapter_size: int = 0  # bottleneck adapters of this size after each sublayer (0: none)
+    prefix_length: int = 0  # trained keys and values before every layer's sequence (0: none)
 
 
 class KVCache:
@@ -38,8 +44,10 @@ class KVCache:
         return sum(kv[0][0].size(2) for kv in (self.shared, self.layers) if kv[0] is not None)
 
     def share(self):
-        """What has been computed so far (a batch of one) becomes the start every row attends to."""
-        self.shared, self.layers = self.layers, [None] * len(self.layers)
+        """What has been computed so far (a batch of one) joins the start every row attends to."""
+        self.shared = [kv if start is None else tuple(torch.cat(pair, dim=2) for pair in zip(start, kv))
+                       for start, kv in zip(self.shared, self.layers)]
+        self.layers = [None] * len(self.layers)
 
     def fork(self):
         """A new cache that holds the same shared start (not copied) and nothing else."""
@@ -69,6 +77,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        if config.prefix_length:
+            self.prefix = Prefix(config.n_head, config.n_embd // config.n_head, config.prefix_length)
 
     def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
@@ -84,7 +94,8 @@ class CausalSelfAttention(nn.Module):
             y = attention_after_shared_start(q, k, v, shared, attn_mask[..., shared[0].size(2):])
         else:
             if shared is not None:  # training: copied to every row here, so that SDPA's backward saves little
-                k, v = (torch.cat([s.expand(B, -1, -1, -1), own], dim=2) for s, own in zip(shared, (k, v)))
+                k, v = (torch.cat([s.expand(B, -1, -1, -1).to(own.dtype), own], dim=2)
+                        for s, own in zip(shared, (k, v)))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                is_causal=attn_mask is None and T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -128,14 +139,19 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        size = config.adapter_size  # adapters (Houlsby) on each sublayer's output, before the residual add
+        self.adapter_attn = Adapter(config.n_embd, size) if size else nn.Identity()
+        self.adapter_mlp = Adapter(config.n_embd, size) if size else nn.Identity()
 
     def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.adapter_attn(self.attn(self.ln_1(x), attn_mask, kv_cache, layer))
+        return x + self.adapter_mlp(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
-    ADAPTABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout")  # what from_pretrained may set
+    # what from_pretrained may set
+    ADAPTABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout", "method", "adapter_size",
+                 "prefix_length")
 
     def __init__(self, config):
         super().__init__()
@@ -178,6 +194,29 @@ class GPT(nn.Module):
             x = block(x, attn_mask, kv_cache, layer)
         return self.transformer.ln_f(x)
 
+    @property
+    def context_length(self):
+        """How many tokens of text fit: the positions that the prefixes (prefix tuning) leave."""
+        return self.config.block_size - self.config.prefix_length
+
+    def new_cache(self):
+        """An empty KVCache; with prefix tuning, every layer's prefix is the start every row attends to."""
+        kv_cache = KVCache(self.config.n_layer)
+        if self.config.prefix_length:
+            kv_cache.shared = [block.attn.prefix() for block in self.transformer.h]
+        return kv_cache
+
+    @torch.no_grad()
+    def init_prefix(self, tokens):
+        """Start each layer's prefix (prefix tuning) as the keys and values this model computes for tokens."""
+        kv_cache, mode = KVCache(self.config.n_layer), self.training
+        idx = torch.tensor([tokens], device=self.lm_head.weight.device)
+        self.eval().hidden_states(idx, kv_cache=kv_cache)
+        for block, (k, v) in zip(self.transformer.h, kv_cache.layers):
+            block.attn.prefix.prefix_k.copy_(k)
+            block.attn.prefix.prefix_v.copy_(v)
+        self.train(mode)
+
     @staticmethod
     def _causal_mask(key_mask, T):
         """(B, 1, T, past + T): causal, padding hidden, each query sees itself (no empty softmax row)."""
@@ -200,7 +239,7 @@ class GPT(nn.Module):
         -100 where there is none: (None, cross-entropy over the target positions), the vocabulary
         projection (the largest matmul) computed only there. The first `shared` tokens, the same in
         every row (the loader counts them), are computed once."""
-        kv_cache = KVCache(self.config.n_layer)
+        kv_cache = self.new_cache()
         start = self._shared_start(idx[:1, :shared], kv_cache) if shared else None
         x = self.hidden_states(idx[:, shared:], kv_cache=kv_cache)
         if shared:
@@ -213,7 +252,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def start_cache(self, start):
         """A KVCache of the tokens start (a list), computed once, for every row of many batches to share."""
-        kv_cache = KVCache(self.config.n_layer)
+        kv_cache = self.new_cache()
         if start:
             self._shared_start(torch.tensor([start], device=self.lm_head.weight.device), kv_cache)
         return kv_cache
@@ -223,15 +262,15 @@ class GPT(nn.Module):
         """Run token lists of different lengths as one left-padded batch after start, a start_cache of the
         tokens each begins with (or none). Returns the next-token logits (B, vocab) after each prompt, and
         the key_mask (False at padding) and kv_cache to go on from."""
-        kv_cache = start.fork() if start is not None else KVCache(self.config.n_layer)
-        shared = len(kv_cache)
-        rows = [p[shared:] for p in prompts]
+        kv_cache = start.fork() if start is not None else self.new_cache()
+        past = len(kv_cache)  # the prefixes (prefix tuning) and the shared start
+        rows = [p[past - self.config.prefix_length:] for p in prompts]
         T = max(map(len, rows))
         idx = torch.zeros(len(rows), T, dtype=torch.long)
-        key_mask = torch.ones(len(rows), shared + T, dtype=torch.bool)
-        for row, p in enumerate(rows):  # [the shared start | left padding | the rest of the prompt]
+        key_mask = torch.ones(len(rows), past + T, dtype=torch.bool)
+        for row, p in enumerate(rows):  # [prefixes and the shared start | left padding | the rest]
             idx[row, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            key_mask[row, shared:shared + T - len(p)] = False
+            key_mask[row, past:past + T - len(p)] = False
         idx, key_mask = idx.to(self.lm_head.weight.device), key_mask.to(self.lm_head.weight.device)
         return self.lm_head(self.hidden_states(idx, key_mask, kv_cache)[:, -1, :]), key_mask, kv_cache
 
@@ -276,7 +315,7 @@ class GPT(nn.Module):
                            n_head=c.n_head, n_embd=c.n_embd, bias=True, **override_args)
         model = cls.uninitialized(config)
         for module in model.modules():  # LoRA's own initialisation; the base weights are loaded next
-            if isinstance(module, LoRALinear) and module.is_lora():
+            if isinstance(module, (Adapter, Prefix)) or isinstance(module, LoRALinear) and module.is_lora():
                 module.reset_parameters()
         model.load_hf_state_dict(hf.state_dict())
         return model
@@ -304,14 +343,19 @@ class GPT(nn.Module):
                 sd.update({f"{prefix}.{p}_attn.{kind}": part for p, part in zip("qkv", parts)})
             else:
                 sd[key] = value.t() if key.endswith(("c_fc.weight", "c_proj.weight")) else value
-        missing = [k for k in self.load_state_dict(sd, strict=False).missing_keys if "lora_" not in k]
+        missing = [k for k in self.load_state_dict(sd, strict=False).missing_keys
+                   if not any(part in k for part in ("lora_", ".adapter_", ".prefix."))]
         if missing:
             raise ValueError(f"GPT-2 checkpoint lacks {missing[:3]} ({len(missing)} tensors)")
 
 
 def mark_trainable(model):
-    """What fine-tuning trains: LoRA's A and B where the model has them (lora_rank > 0), else every
-    weight. Returns model."""
+    """What fine-tuning trains, by the config's method: LoRA's A and B where the model has them (lora_rank >
+    0; at 0, every weight), the biases (bitfit), the adapters or the prefixes. Returns model."""
+    marks = dict(bitfit=mark_only_biases_as_trainable, adapter=mark_only_adapters_as_trainable,
+                 prefix=mark_only_prefix_as_trainable)
+    if model.config.method in marks:
+        return marks[model.config.method](model)
     if model.config.lora_rank > 0:
         return mark_only_lora_as_trainable(model)
     for param in model.parameters():

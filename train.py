@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 import generate
 from dataloader import (IGNORE_INDEX, PROMPT_TEMPLATES, CustomDataLoader, DataError, by_length,
-                        check_prompt_room, fingerprint, get_tokenizer, load_rotten_tomatoes)
+                        check_prompt_room, encode_prompt, fingerprint, get_tokenizer, load_rotten_tomatoes)
 from harness.checkpoints import check_source, load_model, loading_weights
 from harness.device import autocast, device_and_dtype
 from harness.flags import Diverged, UsageError, defaults, parse_flags, reported_errors
@@ -42,6 +42,11 @@ FLAGS = {  # name: (default, help[, allowed values])
     "mask_prompt": (True, "loss on the answer tokens only; false: on the whole sequence"),
     "share_prefix": (True, "compute the start every review of a batch shares (the instruction) once per "
                            "batch, whose rows then share its dropout masks; false: once per review"),
+    "method": ("lora", "what trains: lora (LoRA on q, k, v; lora_rank=0 trains every weight), bitfit (the "
+                       "biases), adapter (bottleneck adapters after each sublayer) or prefix (prefix tuning)",
+               ("lora", "bitfit", "adapter", "prefix")),
+    "adapter_size": (24, "method=adapter: the adapters' bottleneck size", "> 0"),
+    "prefix_length": (48, "method=prefix: trained key and value vectors per layer and head", "> 0"),
     "lora_rank": (128, "LoRA rank on the q, k, v projections; 0 = full fine-tuning", ">= 0"),
     "lora_alpha": (512.0, "LoRA alpha: the update is scaled by alpha / rank", "> 0"),
     "lora_dropout": (0.05, "dropout on the input of the LoRA branch", "[0, 1)"),
@@ -83,9 +88,15 @@ def check_settings(config, explicit, resume, world):
     if config.n_embd % config.n_head:
         raise UsageError(f"n_embd={config.n_embd}: must be a multiple of n_head={config.n_head}")
     lora_flags = sorted(explicit & {"lora_rank", "lora_alpha", "lora_dropout"})
-    if config.init_from == "scratch" and lora_flags:
-        raise UsageError(f"{', '.join(lora_flags)}: init_from=scratch trains every weight of a new model "
-                         "(LoRA adapts a pretrained one); drop the flag")
+    if config.init_from == "scratch" and (lora_flags or config.method != "lora"):
+        given = ", ".join(lora_flags) or f"method={config.method}"
+        raise UsageError(f"{given}: init_from=scratch trains every weight of a new model (LoRA and the other "
+                         "methods adapt a pretrained one); drop the flag")
+    own = {"lora": {"lora_rank", "lora_alpha", "lora_dropout"}, "adapter": {"adapter_size"},
+           "prefix": {"prefix_length"}}
+    others = sorted(explicit & (set().union(*own.values()) - own.get(config.method, set())))
+    if others:
+        raise UsageError(f"{', '.join(others)}: not a setting of method={config.method}; drop the flag")
     if not config.dataset.strip():
         raise UsageError("dataset is empty: name a hub dataset or a local directory")
     step = config.batch_size * config.gradient_accumulation_steps
@@ -100,7 +111,7 @@ def check_settings(config, explicit, resume, world):
         with loading_weights("init_from", config.init_from):  # a missing directory or hub is found out now
             from transformers import GPT2Config
             width = GPT2Config.from_pretrained(config.init_from).n_embd
-        if config.lora_rank > width:
+        if config.method == "lora" and config.lora_rank > width:
             raise UsageError(f"lora_rank={config.lora_rank}: must be at most {width}, the width of "
                              f"{config.init_from}'s layers")
     check_source("dataset", config.dataset)
@@ -108,15 +119,23 @@ def check_settings(config, explicit, resume, world):
 
 
 def build_model(config, run):
-    """The resumed run's model, GPT-2 with LoRA layers (lora_rank > 0) or without, or a small random GPT
-    (init_from=scratch), with what trains marked."""
+    """The resumed run's model, GPT-2 with the method's layers (LoRA, adapters, prefixes) or without, or
+    a small random GPT (init_from=scratch), with what trains marked."""
     if run.resume is not None:
         return load_model(run.resume, run.base and run.base["init_from"])
     if config.init_from == "scratch":
         model = GPT(GPTConfig(**{k: getattr(config, k) for k in SIZES}, dropout=config.dropout))
     else:
+        method = config.method
+        adaptation = dict(dropout=config.dropout, method=method, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout, lora_rank=config.lora_rank * (method == "lora"),
+                          adapter_size=config.adapter_size * (method == "adapter"),
+                          prefix_length=config.prefix_length * (method == "prefix"))
         with loading_weights("init_from", config.init_from):
-            model = GPT.from_pretrained(config.init_from, {k: getattr(config, k) for k in GPT.ADAPTABLE})
+            model = GPT.from_pretrained(config.init_from, adaptation)
+        if method == "prefix":  # its keys and values start as those of the instruction's tokens, repeated
+            instruction = encode_prompt("", config.prompt_template)
+            model.init_prefix((instruction * config.prefix_length)[:config.prefix_length])
     return mark_trainable(model)
 
 
@@ -127,10 +146,10 @@ def check_model(config, model, explicit):
         if key in explicit and getattr(config, key) != getattr(model.config, key):
             raise UsageError(f"{key}={getattr(config, key)}: {config.init_from} has {key}="
                              f"{getattr(model.config, key)}; only init_from=scratch takes the sizes given")
-    for key in (*SIZES, "lora_rank"):  # saved and printed as the model has them
+    for key in (*SIZES, "lora_rank", "adapter_size", "prefix_length"):  # saved and printed as the model has
         setattr(config, key, getattr(model.config, key))
     answer = generate.FLAGS["max_new_tokens"][0] if config.eval_test else 1
-    check_prompt_room(config.prompt_template, model.config.block_size, answer, model_named(config))
+    check_prompt_room(config.prompt_template, model.context_length, answer, model_named(config))
 
 
 def check_data(config, loader):
@@ -386,7 +405,7 @@ def main(argv):
                                  "resume it on its own data, or start a new run in another out_dir")
             model = build_model(config, run).to(device)
             check_model(config, model, explicit)
-            loader = CustomDataLoader(records, model.config.block_size, config.prompt_template,
+            loader = CustomDataLoader(records, model.context_length, config.prompt_template,
                                       config.mask_prompt, config.seed)
             check_data(config, loader)
             trainable, total = count_parameters(model)

@@ -140,8 +140,8 @@ def load_model(checkpoint, base=None):
         config = GPTConfig(**checkpoint["model_args"])
     except TypeError as e:
         raise CheckpointError(f"the checkpoint's model_args are not this model's settings ({e})") from None
-    if config.n_head <= 0 or config.n_embd % config.n_head or (config.lora_rank > 0) != (
-            checkpoint["base"] is not None):
+    every_weight = config.method == "lora" and config.lora_rank == 0  # full fine-tuning: no base
+    if config.n_head <= 0 or config.n_embd % config.n_head or every_weight != (checkpoint["base"] is None):
         raise CheckpointError(f"the checkpoint's model_args are inconsistent: {checkpoint['model_args']}")
     with torch.device("meta"):  # its shapes, allocating nothing: model_args may be damaged
         check_tensors(mark_trainable(GPT(config)), checkpoint)

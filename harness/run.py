@@ -23,10 +23,11 @@ from harness.flags import Diverged, UsageError
 CHECKPOINTS = {"best": ("Best Val Checkpoint", "ckpt.pt"), "last": ("Last Iter Checkpoint", "ckpt_last.pt")}
 RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl", "results.json", "last_evaluation.json")
 RESUME_KEYS = {"optimizer", "scaler", "rng"}  # ckpt_last.pt holds these too: a run resumes from it
+BEFORE_METHODS = dict(method="lora", adapter_size=0, prefix_length=0)  # what runs saved before these flags
 MACHINE = ("out_dir", "device", "dtype", "compile", "debug")  # this command's, never a resumed run's
 # what a run is: its model, and what decides which reviews each step trains on and how they read
-FIXED = ("lora_rank", "lora_alpha", "n_layer", "n_head", "n_embd", "block_size", "seed", "prompt_template",
-         "mask_prompt")
+FIXED = ("method", "lora_rank", "lora_alpha", "adapter_size", "prefix_length", "n_layer", "n_head", "n_embd",
+         "block_size", "seed", "prompt_template", "mask_prompt")
 
 
 def check_out_dir(path, flag="out_dir"):
@@ -186,7 +187,7 @@ def resumed_config(config, explicit, found, world):
     if found["metrics_run"] not in (None, last["run_id"]):
         raise CheckpointError(f"{os.path.join(config.out_dir, 'metrics.jsonl')} holds rows of another run "
                               f"than {path}'s ({last['run_id']}); nothing was changed")
-    saved = last["config"]
+    saved = dict(BEFORE_METHODS, **last["config"])
     for key in FIXED:
         if key in explicit and getattr(config, key) != saved[key]:
             raise UsageError(f"{key}={getattr(config, key)!r} differs from the checkpoint's "

@@ -223,8 +223,8 @@ def test_lora_flags_with_a_model_from_scratch_are_refused_and_its_rank_is_saved_
     flags = ["init_from=scratch", f"dataset={small_data_dir}", "n_layer=1", "n_embd=32", "n_head=2",
              "block_size=128", "max_iters=1", "batch_size=8", "gradient_accumulation_steps=1"]
     fails_with(capsys, 2, "train.py: error: lora_alpha, lora_rank: init_from=scratch trains every weight of "
-               "a new model (LoRA adapts a pretrained one); drop the flag", run_train, *flags, "rank=8",
-               "alpha=32", f"out_dir={tmp_path / 'a'}")
+               "a new model (LoRA and the other methods adapt a pretrained one); drop the flag", run_train,
+               *flags, "rank=8", "alpha=32", f"out_dir={tmp_path / 'a'}")
     run_train(*flags, f"out_dir={tmp_path / 'b'}")
     assert "lora_rank = 0" in capsys.readouterr().out.splitlines()
     assert load_checkpoint(tmp_path / "b" / "ckpt.pt")["config"]["lora_rank"] == 0

@@ -2,6 +2,7 @@
 
     python -m tools.export out_dir=runs/r16_a64 format=peft dest=adapters/r16_a64   # a PEFT LoRA adapter
     python -m tools.export out_dir=runs/r16_a64 format=hf dest=models/r16_a64       # a merged GPT-2
+    python -m tools.export out_dir=runs/prefix format=peft dest=adapters/prefix     # PEFT prefix tuning
 
 format=peft writes adapter_config.json and adapter_model.safetensors, which PEFT applies to the base
 model: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), dest). GPT-2 computes q, k
@@ -9,6 +10,10 @@ and v in one fused c_attn layer, so our three adapters become one: the three A m
 three B matrices on the diagonal of one block matrix, with rank 3r and alpha 3 alpha (the same
 scaling alpha / r). format=hf merges the update into the weights and writes a GPT2LMHeadModel
 directory (config.json, model.safetensors) that transformers loads, and that is a valid init_from.
+
+The other methods: a BitFit run is a GPT-2 with other biases (format=hf); a prefix-tuning run is PEFT's
+prefix tuning (format=peft: every layer's keys and values as its prompt_embeddings); bottleneck
+adapters have no place in either (PEFT has no Houlsby adapters for GPT-2), so they are used here only.
 """
 import json
 import os
@@ -24,11 +29,19 @@ from harness.run import OutDir, check_out_dir
 FLAGS = {
     "out_dir": ("out", "the run to export"),
     "ckpt": ("best", "best (ckpt.pt) or last (ckpt_last.pt)", ("best", "last")),
-    "format": ("peft", "peft (a LoRA adapter for Hugging Face PEFT) or hf (a merged Hugging Face GPT-2)",
-               ("peft", "hf")),
+    "format": ("peft", "peft (a LoRA or prefix-tuning adapter for Hugging Face PEFT) or hf (a merged Hugging "
+                       "Face GPT-2: LoRA, BitFit, full fine-tuning)", ("peft", "hf")),
     "dest": ("", "the directory to write; it must not exist yet, or be empty"),
     "base": ("", "a LoRA run's base model where it is no longer at the run's init_from (name or directory)"),
     "debug": (False, "show full tracebacks"),
+}
+
+
+UNEXPORTABLE = {  # (method, format): why not
+    ("bitfit", "peft"): "PEFT has no BitFit; format=hf writes a GPT-2 with its trained biases",
+    ("adapter", "peft"): "PEFT has no bottleneck adapters for GPT-2, and a GPT-2 directory no place for them",
+    ("adapter", "hf"): "a GPT-2 directory has no place for bottleneck adapters, nor PEFT for GPT-2",
+    ("prefix", "hf"): "a GPT-2 directory has no place for prefixes; format=peft writes PEFT's prefix tuning",
 }
 
 
@@ -49,9 +62,24 @@ def peft_adapter(checkpoint, base):
     return config, {k: v.contiguous() for k, v in tensors.items()}
 
 
+def peft_prefix(checkpoint, base):
+    """(adapter_config, tensors): a prefix-tuning checkpoint as PEFT's, whose prompt_embeddings row p
+    holds each layer's key and then value of position p, heads side by side."""
+    args, prefix = checkpoint["model_args"], checkpoint["model"]
+    rows = [prefix[f"transformer.h.{layer}.attn.prefix.prefix_{kv}"][0].transpose(0, 1).flatten(1)
+            for layer in range(args["n_layer"]) for kv in "kv"]  # each (P, n_embd)
+    config = dict(peft_type="PREFIX_TUNING", task_type="CAUSAL_LM", base_model_name_or_path=base,
+                  num_virtual_tokens=args["prefix_length"], token_dim=args["n_embd"],
+                  num_transformer_submodules=1, num_attention_heads=args["n_head"],
+                  num_layers=args["n_layer"], encoder_hidden_size=args["n_embd"], prefix_projection=False,
+                  inference_mode=True)
+    return config, {"prompt_embeddings": torch.cat(rows, dim=1).contiguous()}
+
+
 def write_peft(checkpoint, base, dest):
     from safetensors.torch import save_file
-    config, tensors = peft_adapter(checkpoint, base)
+    prefix = checkpoint["model_args"].get("method") == "prefix"
+    config, tensors = (peft_prefix if prefix else peft_adapter)(checkpoint, base)
     with open(os.path.join(dest, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(dest, "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -103,6 +131,9 @@ def export(config):
         if checkpoint["base"] is None and (config.format == "peft" or config.base):
             raise UsageError(f"{path} is not a LoRA run (it trained every weight): it needs no base=, and "
                              "exports with format=hf")
+        method = checkpoint["model_args"].get("method", "lora")
+        if (method, config.format) in UNEXPORTABLE:
+            raise UsageError(f"{path} is a method={method} run: {UNEXPORTABLE[method, config.format]}")
         latest = out.latest()["base"]  # where the base weights are now
         base = config.base or (latest and latest["init_from"])
         if config.format == "peft":
@@ -112,7 +143,8 @@ def export(config):
         else:
             model = load_model(checkpoint, base)
             write_directory(config.dest, lambda tmp: write_hf(model, tmp))
-    kind = "PEFT LoRA adapter" if config.format == "peft" else "Hugging Face GPT2LMHeadModel"
+    kind = f"PEFT {'prefix-tuning' if method == 'prefix' else 'LoRA'} adapter" if config.format == "peft" \
+        else "Hugging Face GPT2LMHeadModel"
     print(f"wrote {config.dest} ({kind}) from {path} (iteration {checkpoint['iter_num']})")
 
 
