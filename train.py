@@ -79,6 +79,13 @@ FLAGS = {  # name: (default, help[, allowed values])
     "debug": (False, "show full tracebacks"),
 }
 SIZES = ("n_layer", "n_head", "n_embd", "block_size")  # init_from=scratch's; a pretrained model has its own
+METHOD_SETTINGS = {"lora": {"lora_rank", "lora_alpha", "lora_dropout"}, "bitfit": set(),
+                   "adapter": {"adapter_size"}, "prefix": {"prefix_length"}}
+
+
+def other_methods_settings(method):
+    """The flags of the fine-tuning methods other than method, which a run of it does not use."""
+    return set().union(*METHOD_SETTINGS.values()) - METHOD_SETTINGS[method]
 KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")  # the homework's
 
 
@@ -92,9 +99,7 @@ def check_settings(config, explicit, resume, world):
         given = ", ".join(lora_flags) or f"method={config.method}"
         raise UsageError(f"{given}: init_from=scratch trains every weight of a new model (LoRA and the other "
                          "methods adapt a pretrained one); drop the flag")
-    own = {"lora": {"lora_rank", "lora_alpha", "lora_dropout"}, "adapter": {"adapter_size"},
-           "prefix": {"prefix_length"}}
-    others = sorted(explicit & (set().union(*own.values()) - own.get(config.method, set())))
+    others = sorted(explicit & other_methods_settings(config.method))
     if others:
         raise UsageError(f"{', '.join(others)}: not a setting of method={config.method}; drop the flag")
     if not config.dataset.strip():

@@ -160,7 +160,7 @@ def test_unknown_run_is_a_usage_error(tmp_path):
                              f"results_dir={tmp_path}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.startswith("report.py: error: runs='r16_a64,r99': expected all or a "
+    assert result.stderr.startswith("report.py: error: runs='r16_a64,r99': expected all, methods or a "
                                     "comma-separated list of r16_a64")
     assert os.listdir(tmp_path) == []
 
@@ -289,3 +289,25 @@ def test_shots_that_cannot_run_stop_report_before_its_first_command(hf_gpt2_dir,
                             timeout=120)
     assert (result.returncode, result.stderr) == (2, f"report.py: error: {message}\n")
     assert os.listdir(tmp_path) == []
+
+
+def test_the_methods_grid_tables_what_each_method_trains(hf_gpt2_dir, small_data_dir, tmp_path):
+    results = tmp_path / "results"
+    run_report(results, hf_gpt2_dir, small_data_dir, "runs=bitfit,prefix48", "zero_shot=false")
+    markdown = (results / "results.md").read_text()
+    for run, method, trainable in (("bitfit", "bitfit", 2 * 11 * 64 + 64), ("prefix48", "prefix", 2 * 2 * 48 * 64)):
+        checkpoint = load_checkpoint(results / run / "ckpt.pt")
+        assert checkpoint["config"]["method"] == method
+        assert sum(t.numel() for t in checkpoint["model"].values()) == trainable
+        saved = json.loads((results / run / "results.json").read_text())["results"]
+        best, last = (next(r["accuracy"] for r in saved if r["checkpoint"] == name and r["method"] == "generate")
+                      for name in ("Best Val Checkpoint", "Last Iter Checkpoint"))
+        total = 3_332_928 + (trainable if method == "prefix" else 0)
+        size = os.path.getsize(results / run / "ckpt.pt") / 1e6
+        cells = [c.strip() for c in table_rows(markdown, report.LABELS[run])[-1].strip("|").split("|")]
+        assert cells[1:4] == [method, f"{trainable:,} ({100 * trainable / total:.2f}%)", f"{size:.1f} MB"]
+        assert cells[5:] == [f"{best:.4f}", f"{last:.4f}"]
+    assert f"| {report.LABELS['adapter24']} | not run yet | | | | | |" in markdown
+    plotted = json.loads((results / "val_loss.json").read_text())["val_loss_methods.png"]
+    assert set(plotted) == {report.LABELS["bitfit"], report.LABELS["prefix48"]}
+    assert matplotlib.image.imread(results / "val_loss_methods.png").std() > 0

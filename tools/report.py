@@ -34,7 +34,7 @@ from generate import is_tested, read_results
 from harness.checkpoints import atomic_write, load_checkpoint, loading_weights
 from harness.device import device_and_dtype
 from harness.flags import UsageError, fail, parse, parse_flags, reported_errors
-from harness.run import check_out_dir, read_metrics
+from harness.run import BEFORE_METHODS, check_out_dir, read_metrics
 from model import GPT, GPTConfig, count_parameters, mark_trainable
 
 RUNS = {  # name: (label in the tables and plots, train.py flags beside its defaults)
@@ -45,7 +45,14 @@ RUNS = {  # name: (label in the tables and plots, train.py flags beside its defa
     "r16_a256": ("LoRA r=16, alpha=256", "lora_rank=16 lora_alpha=256"),
     "r128_a512_question": ("LoRA r=128, alpha=512, 'question' prompt",
                            "lora_rank=128 lora_alpha=512 prompt_template=question"),
+    # the methods at budgets near LoRA r=16's 2.36 M parameters (BitFit has only its biases), each at a
+    # learning rate from its paper's range; LoRA r=16 and full fine-tuning are the grid's runs above
+    "bitfit": ("BitFit (every bias)", "method=bitfit learning_rate=1e-3"),
+    "adapter24": ("Adapters, size 24", "method=adapter adapter_size=24 learning_rate=1e-3"),
+    "prefix48": ("Prefix tuning, 48 vectors", "method=prefix prefix_length=48 learning_rate=1e-2"),
 }
+GRIDS = {"all": ["r16_a64", "r128_a512", "r196_a784", "full", "r16_a256", "r128_a512_question"],
+         "methods": ["r16_a64", "adapter24", "prefix48", "bitfit", "full"]}
 LABELS = {run: label for run, (label, _) in RUNS.items()}
 TABLES = [
     ("Test accuracy across ranks, alpha = 4r (5.4)", ["r16_a64", "r128_a512", "r196_a784", "full"]),
@@ -53,10 +60,12 @@ TABLES = [
     ("Prompt templates, r=128, alpha=512 (5.12)", ["r128_a512", "r128_a512_question"]),
 ]
 PLOTS = {"val_loss.png": ("Validation loss across ranks, alpha = 4r", TABLES[0][1]),
-         "val_loss_alpha.png": ("Validation loss: alpha at rank 16", TABLES[1][1])}
+         "val_loss_alpha.png": ("Validation loss: alpha at rank 16", TABLES[1][1]),
+         "val_loss_methods.png": ("Validation loss: fine-tuning methods", GRIDS["methods"])}
 FLAGS = {
     "results_dir": ("results", "one directory per run goes here, and the tables and plots"),
-    "runs": ("all", f"comma-separated runs, or all: {', '.join(RUNS)}"),
+    "runs": ("all", f"all (the handout's grid), methods (LoRA, adapters, prefix tuning, BitFit, full "
+                    f"fine-tuning) or comma-separated runs: {', '.join(RUNS)}"),
     "init_from": ("gpt2-medium", "the pretrained model for every run"),
     "max_iters": (0, "optimizer steps per run; 0 = train.py's default"),
     "dataset": ("rotten_tomatoes", "hub dataset name or local directory"),
@@ -89,8 +98,9 @@ def is_finished(out_dir, state):
 
 def first_difference(saved, train_argv):
     """(flag, saved value, value asked for now) of the first result-changing difference, or None."""
-    asked = vars(parse_flags("report.py", train.FLAGS, train_argv)[0])
-    ignored = NOT_COMPARED | (set(train.SIZES) if asked["init_from"] != "scratch" else set())  # the model's
+    asked, saved = vars(parse_flags("report.py", train.FLAGS, train_argv)[0]), dict(BEFORE_METHODS, **saved)
+    ignored = (NOT_COMPARED | (set(train.SIZES) if asked["init_from"] != "scratch" else set())  # the model's
+               | train.other_methods_settings(asked["method"]))
     return next(((k, saved.get(k), asked[k]) for k in train.FLAGS
                  if k not in ignored and saved.get(k) != asked[k]), None)
 
@@ -121,20 +131,21 @@ def zero_shot_row(config):
 
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's top level
-# what report.py or a run of the grid decides: extra= may not change it (runs= picks other runs)
-DECIDED = {"out_dir", "resume", "overwrite", "eval_test", "init_from", "dataset", "device", "max_iters",
-           *(f.partition("=")[0] for _, flags in RUNS.values() for f in flags.split())}
+# what report.py decides for every run: extra= may not change it, nor what the run itself sets
+DECIDED = {"out_dir", "resume", "overwrite", "eval_test", "init_from", "dataset", "device", "max_iters"}
 
 
-def extra_flags(config):
-    """extra= as train.py reads it ({flag: value}), refused where it changes what report.py decides."""
+def extra_flags(config, run):
+    """extra= as train.py reads it ({flag: value}), refused where it changes what report.py or the run
+    decides."""
     try:
         values, given = parse(train.FLAGS, shlex.split(config.extra))
-        if given & DECIDED:
-            raise UsageError(f"{', '.join(sorted(given & DECIDED))}: report.py or the grid's runs set these "
-                             "(results_dir=, runs=, init_from=, dataset=, device=, max_iters=)")
     except (ValueError, UsageError) as e:
-        fail("report.py", f"extra={config.extra!r}: {e}")
+        raise UsageError(f"extra={config.extra!r}: {e}") from None
+    decided = given & (DECIDED | {flag.partition("=")[0] for flag in RUNS[run][1].split()})
+    if decided:
+        raise UsageError(f"extra={config.extra!r}: {', '.join(sorted(decided))}: report.py or the grid's "
+                         "runs set these (results_dir=, runs=, init_from=, dataset=, device=, max_iters=)")
     return {key: getattr(values, key) for key in given}
 
 
@@ -143,7 +154,7 @@ def train_argv(config, run):
     flags = dict(f.split("=", 1) for f in RUNS[run][1].split())
     flags.update(out_dir=os.path.join(config.results_dir, run), resume="auto", eval_test="true",
                  init_from=config.init_from, dataset=config.dataset, device=config.device,
-                 **extra_flags(config))
+                 **extra_flags(config, run))
     if config.max_iters:
         flags["max_iters"] = config.max_iters
     return [f"{key}={value}" for key, value in flags.items()]
@@ -152,8 +163,8 @@ def train_argv(config, run):
 def check_grid(config, names):
     """What the flags tell before the first command: the device, results_dir, init_from, every run's rank
     and the most demonstrations fit, so that a grid never stops on them halfway."""
-    ranks = {run: parse_flags("report.py", train.FLAGS, train_argv(config, run))[0].lora_rank
-             for run in names}
+    flags = {run: parse_flags("report.py", train.FLAGS, train_argv(config, run))[0] for run in names}
+    ranks = {run: f.lora_rank if f.method == "lora" else 0 for run, f in flags.items()}
     device_and_dtype(config.device, "auto")
     check_out_dir(config.results_dir, "results_dir")
     if config.init_from == "scratch" and shot_counts(config):
@@ -279,7 +290,8 @@ def run_summary(out_dir, checkpoint):
     metrics = [r for r in read_metrics(os.path.join(out_dir, "metrics.jsonl"))
                if r["iter"] <= checkpoint["iter_num"]]
     best = by_name["Best Val Checkpoint"]
-    return dict(rank=model.config.lora_rank, alpha=model.config.lora_alpha, best=best,
+    return dict(rank=model.config.lora_rank, alpha=model.config.lora_alpha, best=best, config=model.config,
+                megabytes=os.path.getsize(os.path.join(out_dir, "ckpt.pt")) / 1e6,
                 last=by_name["Last Iter Checkpoint"], trainable=trainable, total=total,
                 seconds=metrics[-1]["elapsed"] if metrics else None, device=best["settings"]["device"],
                 iters=checkpoint["iter_num"])
@@ -304,6 +316,25 @@ def table(names, summaries):
     return lines
 
 
+def methods_table(summaries):
+    """The fine-tuning methods side by side: what each trains, its checkpoint, time and test accuracy."""
+    lines = ["## Fine-tuning methods at similar budgets", "",
+             "| run | method | trainable parameters | ckpt.pt | train time | test acc. (Best Val) | "
+             "test acc. (Last Iter) |", "|---|---|---|---|---|---|---|"]
+    for run in GRIDS["methods"]:
+        s = summaries.get(run)
+        if s is None:
+            lines.append(f"| {LABELS[run]} | not run yet | | | | | |")
+            continue
+        c, time_text = s["config"], f"{s['seconds'] / 60:.1f} min" if s["seconds"] is not None else "?"
+        method = "full" if c.method == "lora" and not c.lora_rank else c.method
+        share = 100 * s["trainable"] / s["total"]
+        lines.append(f"| {LABELS[run]} | {method} | {s['trainable']:,} ({share:.2f}%) | "
+                     f"{s['megabytes']:.1f} MB | {time_text} | {s['best']['accuracy']:.4f} | "
+                     f"{s['last']['accuracy']:.4f} |")
+    return lines + [""]
+
+
 def write_markdown(config, summaries):
     lines = [f"# Results: {config.init_from}", ""]
     zero = zero_shot_row(config)
@@ -314,6 +345,7 @@ def write_markdown(config, summaries):
                   f"{zero['settings']['device']} |", ""]
     for title, names in TABLES:
         lines += [f"## {title}", "", *table(names, summaries), ""]
+    lines += methods_table(summaries)
     if shot_counts(config):
         lines += prompting_table(config, summaries)
     path = os.path.join(config.results_dir, "results.md")
@@ -387,10 +419,10 @@ def main(argv):
         with reported_errors("report.py"):
             return write_submission(*argv[1:])
     config, _ = parse_flags("report.py", FLAGS, argv, __doc__)
-    names = list(RUNS) if config.runs == "all" else [r.strip() for r in config.runs.split(",") if r.strip()]
+    names = GRIDS.get(config.runs) or [r.strip() for r in config.runs.split(",") if r.strip()]
     unknown = [r for r in names if r not in RUNS]
     if unknown or not names:
-        fail("report.py", f"runs={config.runs!r}: expected all or a comma-separated list of "
+        fail("report.py", f"runs={config.runs!r}: expected all, methods or a comma-separated list of "
                           f"{', '.join(RUNS)}")
     with reported_errors("report.py", also=(DataError,)):
         check_grid(config, names)
@@ -399,12 +431,13 @@ def main(argv):
         for run in RUNS:  # the finished runs made with the settings asked for now
             out_dir = os.path.join(config.results_dir, run)
             state = run_state(out_dir)
-            if state and is_finished(out_dir, state) and not first_difference(state["config"],
-                                                                              train_argv(config, run)):
-                summaries[run] = run_summary(out_dir, state)
+            with contextlib.suppress(UsageError):  # (one whose own flags extra= would change is not)
+                if state and is_finished(out_dir, state) and not first_difference(state["config"],
+                                                                                  train_argv(config, run)):
+                    summaries[run] = run_summary(out_dir, state)
         path = write_markdown(config, summaries)
         write_plots(config.results_dir, summaries)
-    print(f"wrote {path}, val_loss.png, val_loss_alpha.png and val_loss.json")
+    print(f"wrote {path}, {', '.join(PLOTS)} and val_loss.json")
 
 
 if __name__ == "__main__":
