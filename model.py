@@ -169,6 +169,9 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
                 torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for module in self.modules():  # a fresh adapter is the identity, whatever _init_weights drew
+            if isinstance(module, Adapter):
+                module.reset_parameters()
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

@@ -15,6 +15,9 @@ def test_smoke_run_writes_every_measurement(data_dir, tmp_path):
         row = rows[(what, who)]
         assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["reviews_per_s"] > 0
         assert row["mfu"] is None and row["peak_memory_gib"] is None  # no peak known for a CPU
+    for label in bench.METHODS:  # the other methods on the same batches
+        row = rows[(f"train {label}", "ours")]
+        assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["loss"] > 0
     for who in ("ours", "ours, no sharing"):
         assert (rows[("train LoRA r=128", who)]["speedup"] > 0
                 and rows[("train full fine-tuning", who)]["speedup"] > 0)

@@ -23,7 +23,7 @@ from harness.device import autocast, device_and_dtype, device_name
 from harness.flags import defaults, parse_flags
 from harness.run import read_metrics
 from lora import mark_only_lora_as_trainable
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, mark_trainable
 
 FLAGS = {
     "smoke": (False, "a tiny model, a few steps and reviews: checks that the benchmark runs (CPU, seconds)"),
@@ -47,6 +47,8 @@ DEFAULT_EXPERIMENT_REVIEWS = 80 * 128  # train.py's max_iters x examples per ste
 MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024)
 GPT2 = dict(n_layer=12, n_head=12, n_embd=768)
 TINY = dict(n_layer=2, n_head=4, n_embd=64)
+METHODS = {"BitFit": dict(method="bitfit"), "adapters, size 24": dict(method="adapter", adapter_size=24),
+           "prefix tuning, 48 vectors": dict(method="prefix", prefix_length=48)}
 PARTS = ("train", "step", "memory", "evaluate", "prompting", "writes", "end_to_end")
 
 
@@ -158,6 +160,13 @@ def bench_training(shape, loader, config, device, dtype, name):
         for row in rows[-3:-1]:
             row["speedup"] = row["tokens_per_s"] / rows[-1]["tokens_per_s"]
         del hf, ours
+    for label, settings in METHODS.items():  # the other methods, ours alone, on the same batches
+        torch.manual_seed(0)
+        model = mark_trainable(GPT(GPTConfig(**shape, **settings))).to(device)
+        seconds, memory, loss = time_training(model, batches, False, device, dtype, warmup)
+        rows.append(dict(what=f"train {label}", who="ours", tokens_per_s=tokens / seconds, loss=loss,
+                         reviews_per_s=config.steps * n / seconds, step_ms=1000 * seconds / config.steps,
+                         peak_memory_gib=memory))
     return rows
 
 
