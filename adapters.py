@@ -28,6 +28,16 @@ class Adapter(nn.Module):
         return h + self.up(F.gelu(self.down(h)))
 
 
+def add_adapters(model, size):
+    """Put a fresh adapter of this size after each attention and MLP sublayer of model (a GPT); returns
+    model."""
+    for block in model.transformer.h:
+        if isinstance(block.adapter_attn, nn.Identity):  # the model's empty hooks
+            block.adapter_attn = Adapter(model.config.n_embd, size)
+            block.adapter_mlp = Adapter(model.config.n_embd, size)
+    return model
+
+
 def mark_only_adapters_as_trainable(model):
     """Freeze every parameter of model except its adapters'; returns model."""
     for name, param in model.named_parameters():

@@ -10,10 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters import Adapter, mark_only_adapters_as_trainable
-from bitfit import mark_only_biases_as_trainable
-from lora import LoRALinear, mark_only_lora_as_trainable
-from prefix import Prefix, mark_only_prefix_as_trainable
+from lora import LoRALinear
 
 
 @dataclass
@@ -77,8 +74,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
-        if config.prefix_length:
-            self.prefix = Prefix(config.n_head, config.n_embd // config.n_head, config.prefix_length)
+        self.prefix = None  # prefix tuning's trained keys and values (prefix.py adds them)
 
     def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
@@ -139,9 +135,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
-        size = config.adapter_size  # adapters (Houlsby) on each sublayer's output, before the residual add
-        self.adapter_attn = Adapter(config.n_embd, size) if size else nn.Identity()
-        self.adapter_mlp = Adapter(config.n_embd, size) if size else nn.Identity()
+        # bottleneck adapters on each sublayer's output, before the residual add (adapters.py adds them)
+        self.adapter_attn, self.adapter_mlp = nn.Identity(), nn.Identity()
 
     def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
         x = x + self.adapter_attn(self.attn(self.ln_1(x), attn_mask, kv_cache, layer))
@@ -169,9 +164,6 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
                 torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        for module in self.modules():  # a fresh adapter is the identity, whatever _init_weights drew
-            if isinstance(module, Adapter):
-                module.reset_parameters()
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -205,20 +197,9 @@ class GPT(nn.Module):
     def new_cache(self):
         """An empty KVCache; with prefix tuning, every layer's prefix is the start every row attends to."""
         kv_cache = KVCache(self.config.n_layer)
-        if self.config.prefix_length:
+        if self.transformer.h[0].attn.prefix is not None:
             kv_cache.shared = [block.attn.prefix() for block in self.transformer.h]
         return kv_cache
-
-    @torch.no_grad()
-    def init_prefix(self, tokens):
-        """Start each layer's prefix (prefix tuning) as the keys and values this model computes for tokens."""
-        kv_cache, mode = KVCache(self.config.n_layer), self.training
-        idx = torch.tensor([tokens], device=self.lm_head.weight.device)
-        self.eval().hidden_states(idx, kv_cache=kv_cache)
-        for block, (k, v) in zip(self.transformer.h, kv_cache.layers):
-            block.attn.prefix.prefix_k.copy_(k)
-            block.attn.prefix.prefix_v.copy_(v)
-        self.train(mode)
 
     @staticmethod
     def _causal_mask(key_mask, T):
@@ -318,7 +299,7 @@ class GPT(nn.Module):
                            n_head=c.n_head, n_embd=c.n_embd, bias=True, **override_args)
         model = cls.uninitialized(config)
         for module in model.modules():  # LoRA's own initialisation; the base weights are loaded next
-            if isinstance(module, (Adapter, Prefix)) or isinstance(module, LoRALinear) and module.is_lora():
+            if isinstance(module, LoRALinear) and module.is_lora():
                 module.reset_parameters()
         model.load_hf_state_dict(hf.state_dict())
         return model
@@ -346,24 +327,9 @@ class GPT(nn.Module):
                 sd.update({f"{prefix}.{p}_attn.{kind}": part for p, part in zip("qkv", parts)})
             else:
                 sd[key] = value.t() if key.endswith(("c_fc.weight", "c_proj.weight")) else value
-        missing = [k for k in self.load_state_dict(sd, strict=False).missing_keys
-                   if not any(part in k for part in ("lora_", ".adapter_", ".prefix."))]
+        missing = [k for k in self.load_state_dict(sd, strict=False).missing_keys if "lora_" not in k]
         if missing:
             raise ValueError(f"GPT-2 checkpoint lacks {missing[:3]} ({len(missing)} tensors)")
-
-
-def mark_trainable(model):
-    """What fine-tuning trains, by the config's method: LoRA's A and B where the model has them (lora_rank >
-    0; at 0, every weight), the biases (bitfit), the adapters or the prefixes. Returns model."""
-    marks = dict(bitfit=mark_only_biases_as_trainable, adapter=mark_only_adapters_as_trainable,
-                 prefix=mark_only_prefix_as_trainable)
-    if model.config.method in marks:
-        return marks[model.config.method](model)
-    if model.config.lora_rank > 0:
-        return mark_only_lora_as_trainable(model)
-    for param in model.parameters():
-        param.requires_grad = True
-    return model
 
 
 def count_parameters(model):  # (trainable, total); the tied embedding counts once

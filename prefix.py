@@ -11,6 +11,8 @@ model run on those tokens followed by the text. For gpt2-medium: 24 layers x 2 x
 import torch
 import torch.nn as nn
 
+from model import KVCache
+
 
 class Prefix(nn.Module):
 
@@ -19,12 +21,30 @@ class Prefix(nn.Module):
         self.prefix_k = nn.Parameter(torch.zeros(1, n_head, length, head_size))
         self.prefix_v = nn.Parameter(torch.zeros(1, n_head, length, head_size))
 
-    def reset_parameters(self):  # zero until GPT.init_prefix sets the keys and values of real tokens
-        nn.init.zeros_(self.prefix_k)
-        nn.init.zeros_(self.prefix_v)
-
     def forward(self):
         return self.prefix_k, self.prefix_v
+
+
+def add_prefixes(model, length):
+    """Give each attention layer of model (a GPT) a prefix of length vectors, zero until init_prefixes;
+    returns model."""
+    for block in model.transformer.h:
+        if block.attn.prefix is None:  # the model's empty hook
+            heads = model.config.n_head
+            block.attn.prefix = Prefix(heads, model.config.n_embd // heads, length)
+    return model
+
+
+@torch.no_grad()
+def init_prefixes(model, tokens):
+    """Start each layer's prefix as the keys and values model, without prefixes, computes for tokens."""
+    kv_cache, mode = KVCache(model.config.n_layer), model.training
+    idx = torch.tensor([tokens], device=model.lm_head.weight.device)
+    model.eval().hidden_states(idx, kv_cache=kv_cache)
+    for block, (k, v) in zip(model.transformer.h, kv_cache.layers):
+        block.attn.prefix.prefix_k.copy_(k)
+        block.attn.prefix.prefix_v.copy_(v)
+    model.train(mode)
 
 
 def mark_only_prefix_as_trainable(model):

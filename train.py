@@ -27,7 +27,9 @@ from harness.checkpoints import check_source, load_model, loading_weights
 from harness.device import autocast, device_and_dtype
 from harness.flags import Diverged, UsageError, defaults, parse_flags, reported_errors
 from harness.run import open_run, rng_state
-from model import GPT, GPTConfig, count_parameters, mark_trainable
+from finetune import apply_method
+from model import GPT, GPTConfig, count_parameters
+from prefix import init_prefixes
 
 FLAGS = {  # name: (default, help[, allowed values])
     "out_dir": ("out", "directory for checkpoints, metrics.jsonl and results"),
@@ -137,11 +139,11 @@ def build_model(config, run):
                           adapter_size=config.adapter_size * (method == "adapter"),
                           prefix_length=config.prefix_length * (method == "prefix"))
         with loading_weights("init_from", config.init_from):
-            model = GPT.from_pretrained(config.init_from, adaptation)
+            model = apply_method(GPT.from_pretrained(config.init_from, adaptation))
         if method == "prefix":  # its keys and values start as those of the instruction's tokens, repeated
             instruction = encode_prompt("", config.prompt_template)
-            model.init_prefix((instruction * config.prefix_length)[:config.prefix_length])
-    return mark_trainable(model)
+            init_prefixes(model, (instruction * config.prefix_length)[:config.prefix_length])
+    return apply_method(model)
 
 
 def check_model(config, model, explicit):

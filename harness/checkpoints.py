@@ -19,7 +19,8 @@ from dataclasses import asdict
 import torch
 
 from harness.flags import TRUE, UsageError
-from model import GPT, GPTConfig, mark_trainable
+from finetune import apply_method
+from model import GPT, GPTConfig
 
 VERSION = 3
 KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
@@ -144,12 +145,12 @@ def load_model(checkpoint, base=None):
     if config.n_head <= 0 or config.n_embd % config.n_head or every_weight != (checkpoint["base"] is None):
         raise CheckpointError(f"the checkpoint's model_args are inconsistent: {checkpoint['model_args']}")
     with torch.device("meta"):  # its shapes, allocating nothing: model_args may be damaged
-        check_tensors(mark_trainable(GPT(config)), checkpoint)
+        check_tensors(apply_method(GPT(config)), checkpoint)
     if checkpoint["base"] is None:
-        return load_trained(mark_trainable(GPT.uninitialized(config)), checkpoint)
+        return load_trained(apply_method(GPT.uninitialized(config)), checkpoint)
     base = base or checkpoint["base"]["init_from"]
     with loading_weights("base", base):
-        model = mark_trainable(GPT.from_pretrained(base, {k: getattr(config, k) for k in GPT.ADAPTABLE}))
+        model = apply_method(GPT.from_pretrained(base, {k: getattr(config, k) for k in GPT.ADAPTABLE}))
     differs = next((k for k, v in asdict(model.config).items() if checkpoint["model_args"][k] != v), None)
     if differs:
         saved, found = checkpoint["model_args"][differs], getattr(model.config, differs)

@@ -14,7 +14,8 @@ import generate
 from harness.checkpoints import base_fingerprint, load_checkpoint, load_model
 from conftest import last_wins, run_train, save_random_hf_gpt2
 from dataloader import encode_prompt, get_tokenizer, load_rotten_tomatoes
-from model import GPT, mark_trainable
+from finetune import apply_method
+from model import GPT
 
 IDX = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
 
@@ -159,7 +160,7 @@ def test_an_adapter_is_refused_on_another_base(lora_run, hf_gpt2_dir, small_data
     other = tmp_path / "other"
     save_random_hf_gpt2(other, seed=1)  # same shape, other weights
     fingerprint = load_checkpoint(lora_run / "ckpt.pt")["base"]["fingerprint"]
-    other_fingerprint = base_fingerprint(mark_trainable(
+    other_fingerprint = base_fingerprint(apply_method(
         GPT.from_pretrained(str(other), dict(lora_rank=8, lora_alpha=32.0))))
     message = (f"the adapter was trained on {hf_gpt2_dir} (weights {fingerprint}), not on {other} "
                f"(weights {other_fingerprint}); give the base it was trained on")

@@ -9,7 +9,9 @@ import torch
 import generate
 from conftest import KILLER, ROOT, greedy_one_at_a_time, losses, run_train
 from harness.checkpoints import load_checkpoint, load_model
-from model import GPT, GPTConfig, count_parameters, mark_trainable
+from prefix import init_prefixes
+from finetune import apply_method
+from model import GPT, GPTConfig, count_parameters
 from test_run_safety import fails_with
 
 SETTINGS = {"bitfit": dict(method="bitfit"), "adapter": dict(method="adapter", adapter_size=8),
@@ -19,9 +21,9 @@ TOKENS = [464, 3290, 318, 257, 922, 13]  # a prefix starts as these tokens' keys
 
 
 def method_model(hf_gpt2_dir, method):
-    model = mark_trainable(GPT.from_pretrained(str(hf_gpt2_dir), SETTINGS[method]))
+    model = apply_method(GPT.from_pretrained(str(hf_gpt2_dir), SETTINGS[method]))
     if method == "prefix":
-        model.init_prefix(TOKENS)
+        init_prefixes(model, TOKENS)
     return model
 
 
@@ -97,7 +99,7 @@ MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024)
 ])
 def test_trainable_parameters_are_the_formulas_for_gpt2_medium(settings, formula):
     with torch.device("meta"):
-        model = mark_trainable(GPT(GPTConfig(**MEDIUM, **settings)))
+        model = apply_method(GPT(GPTConfig(**MEDIUM, **settings)))
     assert count_parameters(model)[0] == formula
 
 

@@ -8,7 +8,8 @@ import torch
 
 from conftest import ROOT, losses, run_train
 from harness.checkpoints import base_fingerprint, load_checkpoint, load_model
-from model import GPT, mark_trainable
+from finetune import apply_method
+from model import GPT
 
 EVALUATION_KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config",
                    "data"}
@@ -41,7 +42,7 @@ def test_lora_run_stores_only_the_adapters(hf_gpt2_dir, small_data_dir, tmp_path
     assert (config["lora_rank"], config["lora_alpha"], config["out_dir"]) == ("8", "32.0", repr(str(out)))
     assert f"checkpoints: {out / 'ckpt.pt'} (best), {out / 'ckpt_last.pt'} (last)" in printed
     assert "validation:" in captured.err  # validation shows its progress
-    base = mark_trainable(GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=32.0)))
+    base = apply_method(GPT.from_pretrained(str(hf_gpt2_dir), dict(lora_rank=8, lora_alpha=32.0)))
     for name, keys, copies in (("ckpt.pt", EVALUATION_KEYS, 1), ("ckpt_last.pt", RESUME_KEYS, 3)):
         ckpt = load_checkpoint(out / name)
         # the best for evaluation; the last also to resume from (AdamW, random state)

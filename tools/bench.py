@@ -23,7 +23,8 @@ from harness.device import autocast, device_and_dtype, device_name
 from harness.flags import defaults, parse_flags
 from harness.run import read_metrics
 from lora import mark_only_lora_as_trainable
-from model import GPT, GPTConfig, mark_trainable
+from finetune import apply_method
+from model import GPT, GPTConfig
 
 FLAGS = {
     "smoke": (False, "a tiny model, a few steps and reviews: checks that the benchmark runs (CPU, seconds)"),
@@ -162,7 +163,7 @@ def bench_training(shape, loader, config, device, dtype, name):
         del hf, ours
     for label, settings in METHODS.items():  # the other methods, ours alone, on the same batches
         torch.manual_seed(0)
-        model = mark_trainable(GPT(GPTConfig(**shape, **settings))).to(device)
+        model = apply_method(GPT(GPTConfig(**shape, **settings))).to(device)
         seconds, memory, loss = time_training(model, batches, False, device, dtype, warmup)
         rows.append(dict(what=f"train {label}", who="ours", tokens_per_s=tokens / seconds, loss=loss,
                          reviews_per_s=config.steps * n / seconds, step_ms=1000 * seconds / config.steps,

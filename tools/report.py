@@ -35,7 +35,8 @@ from harness.checkpoints import atomic_write, load_checkpoint, loading_weights
 from harness.device import device_and_dtype
 from harness.flags import UsageError, fail, parse, parse_flags, reported_errors
 from harness.run import BEFORE_METHODS, check_out_dir, read_metrics
-from model import GPT, GPTConfig, count_parameters, mark_trainable
+from finetune import apply_method
+from model import GPT, GPTConfig, count_parameters
 
 RUNS = {  # name: (label in the tables and plots, train.py flags beside its defaults)
     "r16_a64": ("LoRA r=16, alpha=64", "lora_rank=16 lora_alpha=64"),
@@ -281,7 +282,7 @@ def prompting_table(config, summaries):
 def run_summary(out_dir, checkpoint):
     """The numbers of one finished run for the tables."""
     with torch.device("meta"):  # counts parameters without building weights
-        model = mark_trainable(GPT(GPTConfig(**checkpoint["model_args"])))
+        model = apply_method(GPT(GPTConfig(**checkpoint["model_args"])))
     trainable, total = count_parameters(model)
     results = read_results(os.path.join(out_dir, "results.json"))
     by_name = {r["checkpoint"]: r for r in results["results"]
