@@ -83,12 +83,12 @@ FLAGS = {  # name: (default, help[, allowed values])
 SIZES = ("n_layer", "n_head", "n_embd", "block_size")  # init_from=scratch's; a pretrained model has its own
 METHOD_SETTINGS = {"lora": {"lora_rank", "lora_alpha", "lora_dropout"}, "bitfit": set(),
                    "adapter": {"adapter_size"}, "prefix": {"prefix_length"}}
+KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")  # the homework's
 
 
 def other_methods_settings(method):
     """The flags of the fine-tuning methods other than method, which a run of it does not use."""
     return set().union(*METHOD_SETTINGS.values()) - METHOD_SETTINGS[method]
-KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")  # the homework's
 
 
 def check_settings(config, explicit, resume, world):
@@ -96,7 +96,7 @@ def check_settings(config, explicit, resume, world):
     LoRA rank past the layers' width, a step that does not divide among the processes."""
     if config.n_embd % config.n_head:
         raise UsageError(f"n_embd={config.n_embd}: must be a multiple of n_head={config.n_head}")
-    lora_flags = sorted(explicit & {"lora_rank", "lora_alpha", "lora_dropout"})
+    lora_flags = sorted(explicit & METHOD_SETTINGS["lora"])
     if config.init_from == "scratch" and (lora_flags or config.method != "lora"):
         given = ", ".join(lora_flags) or f"method={config.method}"
         raise UsageError(f"{given}: init_from=scratch trains every weight of a new model (LoRA and the other "
@@ -131,19 +131,18 @@ def build_model(config, run):
     if run.resume is not None:
         return load_model(run.resume, run.base and run.base["init_from"])
     if config.init_from == "scratch":
-        model = GPT(GPTConfig(**{k: getattr(config, k) for k in SIZES}, dropout=config.dropout))
-    else:
-        method = config.method
-        adaptation = dict(dropout=config.dropout, method=method, lora_alpha=config.lora_alpha,
-                          lora_dropout=config.lora_dropout, lora_rank=config.lora_rank * (method == "lora"),
-                          adapter_size=config.adapter_size * (method == "adapter"),
-                          prefix_length=config.prefix_length * (method == "prefix"))
-        with loading_weights("init_from", config.init_from):
-            model = apply_method(GPT.from_pretrained(config.init_from, adaptation))
-        if method == "prefix":  # its keys and values start as those of the instruction's tokens, repeated
-            instruction = encode_prompt("", config.prompt_template)
-            init_prefixes(model, (instruction * config.prefix_length)[:config.prefix_length])
-    return apply_method(model)
+        return apply_method(GPT(GPTConfig(**{k: getattr(config, k) for k in SIZES}, dropout=config.dropout)))
+    method = config.method  # its own settings; the other methods' are off
+    adaptation = dict(dropout=config.dropout, method=method, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, lora_rank=config.lora_rank * (method == "lora"),
+                      adapter_size=config.adapter_size * (method == "adapter"),
+                      prefix_length=config.prefix_length * (method == "prefix"))
+    with loading_weights("init_from", config.init_from):
+        model = apply_method(GPT.from_pretrained(config.init_from, adaptation))
+    if method == "prefix":  # its keys and values start as those of the instruction's tokens, repeated
+        instruction = encode_prompt("", config.prompt_template)
+        init_prefixes(model, (instruction * config.prefix_length)[:config.prefix_length])
+    return model
 
 
 def check_model(config, model, explicit):

@@ -244,7 +244,7 @@ def test_classify_nothing_is_a_usage_error(trained_run, tmp_path, capsys):
 
 class Scripted:
     """A model that answers every prompt with the same tokens, stopping as generate_batch does."""
-    config = GPTConfig(block_size=256)
+    config, context_length = GPTConfig(block_size=256), 256
 
     def __init__(self, answer):
         self.answer, self.asked = answer, []

@@ -52,7 +52,7 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
         best = next(r for r in saved if r["checkpoint"] == "Best Val Checkpoint")
         last = next(r for r in saved if r["checkpoint"] == "Last Iter Checkpoint")
         rows = table_rows(markdown, report.LABELS[run])
-        assert len(rows) == (2 if run in ("r16_a64", "full") else 1)
+        assert len(rows) == 3  # the ranks', the alpha's and the methods' tables
         cells = [c.strip() for c in rows[0].strip("|").split("|")]
         assert cells[3:6] == [f"{best['accuracy']:.4f}", f"{last['accuracy']:.4f}",
                               f"{best['unparseable']} / {last['unparseable']}"]
@@ -260,7 +260,8 @@ def test_submission_zip_holds_every_file_the_scripts_need_and_no_key(tmp_path):
     harness = [f"harness/{name}"
                for name in ("__init__.py", "checkpoints.py", "device.py", "flags.py", "run.py")]
     # never wandb_api.json: a key may be pasted there
-    assert sorted(names) == sorted([*report.GRADED, *harness, "tools/__init__.py", "tools/report.py",
+    methods = ["bitfit.py", "adapters.py", "prefix.py", "finetune.py"]  # the other ways to fine-tune
+    assert sorted(names) == sorted([*report.GRADED, *methods, *harness, "tools/__init__.py", "tools/report.py",
                                     "requirements.txt", "run_in_colab.ipynb"])
     for name in names:  # flat, as the course's upload wants, and the files as they are here
         assert (tmp_path / "unzipped" / name).read_bytes() == (ROOT / name).read_bytes()
