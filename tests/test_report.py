@@ -261,8 +261,8 @@ def test_submission_zip_holds_every_file_the_scripts_need_and_no_key(tmp_path):
                for name in ("__init__.py", "checkpoints.py", "device.py", "flags.py", "run.py")]
     # never wandb_api.json: a key may be pasted there
     methods = ["bitfit.py", "adapters.py", "prefix.py", "finetune.py"]  # the other ways to fine-tune
-    assert sorted(names) == sorted([*report.GRADED, *methods, *harness, "tools/__init__.py", "tools/report.py",
-                                    "requirements.txt", "run_in_colab.ipynb"])
+    assert sorted(names) == sorted([*report.GRADED, *methods, *harness, "tools/__init__.py",
+                                    "tools/report.py", "requirements.txt", "run_in_colab.ipynb"])
     for name in names:  # flat, as the course's upload wants, and the files as they are here
         assert (tmp_path / "unzipped" / name).read_bytes() == (ROOT / name).read_bytes()
     # nothing else is needed: the scripts import and show their help from the unzipped files alone
@@ -274,7 +274,8 @@ def test_submission_zip_holds_every_file_the_scripts_need_and_no_key(tmp_path):
 
 
 @pytest.mark.parametrize("shots", ["0,8", "4,x"])
-def test_shots_that_cannot_run_stop_report_before_its_first_command(hf_gpt2_dir, small_data_dir, tmp_path, shots):
+def test_shots_that_cannot_run_stop_report_before_its_first_command(hf_gpt2_dir, small_data_dir, tmp_path,
+                                                                    shots):
     from dataloader import check_demonstrations_fit, draw_demonstrations, load_rotten_tomatoes
     splits = load_rotten_tomatoes(str(small_data_dir))
     message = f"shots={shots!r}: expected whole numbers >= 0, comma-separated"
@@ -286,8 +287,8 @@ def test_shots_that_cannot_run_stop_report_before_its_first_command(hf_gpt2_dir,
         message = str(e.value)
     result = subprocess.run([sys.executable, "-m", "tools.report", f"results_dir={tmp_path / 'results'}",
                              f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", "device=cpu",
-                             "runs=r16_a64", f"shots={shots}", "shot_seeds=2"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+                             "runs=r16_a64", f"shots={shots}", "shot_seeds=2"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
     assert (result.returncode, result.stderr) == (2, f"report.py: error: {message}\n")
     assert os.listdir(tmp_path) == []
 
@@ -296,12 +297,14 @@ def test_the_methods_grid_tables_what_each_method_trains(hf_gpt2_dir, small_data
     results = tmp_path / "results"
     run_report(results, hf_gpt2_dir, small_data_dir, "runs=bitfit,prefix48", "zero_shot=false")
     markdown = (results / "results.md").read_text()
-    for run, method, trainable in (("bitfit", "bitfit", 2 * 11 * 64 + 64), ("prefix48", "prefix", 2 * 2 * 48 * 64)):
+    for run, method, trainable in (("bitfit", "bitfit", 2 * 11 * 64 + 64),
+                                   ("prefix48", "prefix", 2 * 2 * 48 * 64)):
         checkpoint = load_checkpoint(results / run / "ckpt.pt")
         assert checkpoint["config"]["method"] == method
         assert sum(t.numel() for t in checkpoint["model"].values()) == trainable
         saved = json.loads((results / run / "results.json").read_text())["results"]
-        best, last = (next(r["accuracy"] for r in saved if r["checkpoint"] == name and r["method"] == "generate")
+        best, last = (next(r["accuracy"] for r in saved
+                           if r["checkpoint"] == name and r["method"] == "generate")
                       for name in ("Best Val Checkpoint", "Last Iter Checkpoint"))
         total = 3_332_928 + (trainable if method == "prefix" else 0)
         size = os.path.getsize(results / run / "ckpt.pt") / 1e6
