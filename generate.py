@@ -362,9 +362,9 @@ def main(argv):
             else:
                 model = load_model(checkpoints[0][1], base)
             model.to(device)
-            if texts:
-                return classify(model, checkpoints, records, config, autocast(device, dtype), prefix)
             ctx = autocast(device, dtype)
+            if texts:
+                return classify(model, checkpoints, records, config, ctx, prefix)
             rows, predictions = evaluate(model, checkpoints, records, config, ctx, prefix)
             run_id = checkpoints[0][1]["run_id"] if trained_with else None
             complete = is_the_runs_result(config, trained_with)
