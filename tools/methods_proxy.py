@@ -36,7 +36,7 @@ METHODS = {  # name: train.py flags, each at a learning rate that suits a model 
     "LoRA r=8": "lora_rank=8 lora_alpha=32 learning_rate=2e-3",
     "BitFit": "method=bitfit learning_rate=1e-2",
     "adapters, size 16": "method=adapter adapter_size=16 learning_rate=2e-3",
-    "prefix tuning, 8 vectors": "method=prefix prefix_length=8 learning_rate=1e-2",
+    "prefix tuning, 16 vectors": "method=prefix prefix_length=16 learning_rate=1e-1",  # 1e-2 stayed at chance
     "full fine-tuning": "lora_rank=0 learning_rate=1e-3",
 }
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
