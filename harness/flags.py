@@ -34,13 +34,18 @@ def fail(program, message, status=2):
 
 @contextlib.contextmanager
 def reported_errors(program, debug=False, also=()):
-    """A usage error (or one of also), a failed write or a diverged run: one line (debug: a traceback)."""
+    """A usage error (or one of also), a failed write, a diverged run or Ctrl-C: one line (debug: a
+    traceback)."""
     try:
         yield
     except (UsageError, OSError, Diverged, *also) as e:
         if debug:
             raise
         fail(program, e, 1 if isinstance(e, Diverged) else 2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        fail(program, "interrupted; every file is whole (train.py continues with resume=auto)", 130)
 
 
 def parse_flags(program, flags, argv, summary=""):

@@ -475,8 +475,13 @@ def test_results_are_written_whole_with_their_answers(evaluated_run, capsys, mon
     def killed_at_the_rename(src, dst):
         raise KeyboardInterrupt  # as a kill just before the new file replaces the old
     monkeypatch.setattr(os, "replace", killed_at_the_rename)
-    with pytest.raises(KeyboardInterrupt):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line, exit status 130
         generate.main([f"out_dir={out}", "device=cpu", "ckpt=last", "method=logprob"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == ("generate.py: error: interrupted; every file is whole (train.py continues "
+                                    "with resume=auto)")
     monkeypatch.setattr(os, "replace", real_replace)
     assert (out / "results.json").read_bytes() == before
     generate.main([f"out_dir={out}", "device=cpu", "ckpt=last", "method=logprob"])
