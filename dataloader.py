@@ -1,5 +1,6 @@
 """Rotten Tomatoes as instruction-tuning data: each review becomes its instr_tuned_text, `<prompt>
-positive` or `<prompt> negative` (the prompt ends with `Label:`), then <|endoftext|>."""
+positive` or `<prompt> negative` (the prompt ends with `Label:`), then <|endoftext|>. For few-shot
+prompting, labelled train reviews (demonstrations) in the same template go before a review's prompt."""
 import hashlib
 import json
 import os
