@@ -9,8 +9,15 @@ from bitfit import mark_only_biases_as_trainable
 from lora import mark_only_lora_as_trainable
 from prefix import add_prefixes, mark_only_prefix_as_trainable
 
+METHOD_SETTINGS = {"lora": {"lora_rank", "lora_alpha", "lora_dropout"}, "bitfit": set(),
+                   "adapter": {"adapter_size"}, "prefix": {"prefix_length"}}  # each method's own flags
 MARK_ONLY = dict(bitfit=mark_only_biases_as_trainable, adapter=mark_only_adapters_as_trainable,
                  prefix=mark_only_prefix_as_trainable)
+
+
+def other_methods_settings(method):
+    """The flags of the methods other than method, which a run of it does not use."""
+    return set().union(*METHOD_SETTINGS.values()) - METHOD_SETTINGS[method]
 
 
 def apply_method(model):

@@ -305,7 +305,8 @@ def find_checkpoints(config, explicit, out):
             given = " and ".join(sorted(explicit & {"ckpt", "base"}))
             raise UsageError(f"{given} choose a run's checkpoints and their base; init_from="
                              f"{config.init_from!r} is a raw GPT-2 (zero-shot)")
-        return [("Zero-shot " + config.init_from, None)], None, None
+        name = f"{config.shots}-shot" if config.shots else "Zero-shot"
+        return [(f"{name} {config.init_from}", None)], None, None
     ckpt = config.ckpt or ("best" if config.text or config.file else "both")
     checkpoints = out.checkpoints(("best", "last") if ckpt == "both" else (ckpt,))
     latest = out.latest()  # where the run's data and base are now

@@ -27,7 +27,7 @@ from harness.checkpoints import check_source, load_model, loading_weights
 from harness.device import autocast, device_and_dtype
 from harness.flags import Diverged, UsageError, defaults, parse_flags, reported_errors
 from harness.run import open_run, rng_state
-from finetune import apply_method
+from finetune import METHOD_SETTINGS, apply_method, other_methods_settings
 from model import GPT, GPTConfig, count_parameters
 from prefix import init_prefixes
 
@@ -81,14 +81,7 @@ FLAGS = {  # name: (default, help[, allowed values])
     "debug": (False, "show full tracebacks"),
 }
 SIZES = ("n_layer", "n_head", "n_embd", "block_size")  # init_from=scratch's; a pretrained model has its own
-METHOD_SETTINGS = {"lora": {"lora_rank", "lora_alpha", "lora_dropout"}, "bitfit": set(),
-                   "adapter": {"adapter_size"}, "prefix": {"prefix_length"}}
 KEY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_api.json")  # the homework's
-
-
-def other_methods_settings(method):
-    """The flags of the fine-tuning methods other than method, which a run of it does not use."""
-    return set().union(*METHOD_SETTINGS.values()) - METHOD_SETTINGS[method]
 
 
 def check_settings(config, explicit, resume, world):
@@ -117,10 +110,13 @@ def check_settings(config, explicit, resume, world):
     if config.init_from != "scratch" and (resume is None or resume["base"] is not None):
         with loading_weights("init_from", config.init_from):  # a missing directory or hub is found out now
             from transformers import GPT2Config
-            width = GPT2Config.from_pretrained(config.init_from).n_embd
-        if config.method == "lora" and config.lora_rank > width:
-            raise UsageError(f"lora_rank={config.lora_rank}: must be at most {width}, the width of "
-                             f"{config.init_from}'s layers")
+            pretrained = GPT2Config.from_pretrained(config.init_from)
+        if config.method == "lora" and config.lora_rank > pretrained.n_embd:
+            raise UsageError(f"lora_rank={config.lora_rank}: must be at most {pretrained.n_embd}, the width "
+                             f"of {config.init_from}'s layers")
+        if config.method == "prefix" and config.prefix_length >= pretrained.n_positions:
+            raise UsageError(f"prefix_length={config.prefix_length}: must be less than the "
+                             f"{pretrained.n_positions}-token context of {config.init_from}")
     check_source("dataset", config.dataset)
     get_tokenizer()  # its files are downloaded once: better to fail now than after loading data and model
 
@@ -167,10 +163,12 @@ def check_data(config, loader):
     everything = sum(map(len, loader.examples.values()))
     if loader.truncated > everything / 2:
         raise UsageError(f"{loader.truncated} of {everything} reviews would be cut short to fit the "
-                         f"{config.block_size}-token context of {model_named(config)}")
+                         f"{config.block_size - config.prefix_length}-token context of {model_named(config)}")
 
 
 def model_named(config):
+    if config.prefix_length:
+        return f"init_from={config.init_from} beside prefix_length={config.prefix_length} (lower it)"
     return f"init_from={config.init_from}" + (" (raise block_size)" if config.init_from == "scratch" else "")
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict
 import torch
 
 from harness.flags import TRUE, UsageError
-from finetune import apply_method
+from finetune import METHOD_SETTINGS, apply_method
 from model import GPT, GPTConfig
 
 VERSION = 3
@@ -135,25 +135,33 @@ def damage_checks(c):
     return checks
 
 
-def load_model(checkpoint, base=None):
-    """The model a checkpoint describes: its trained tensors on the base weights it trained on (at base)."""
+def model_config(checkpoint):
+    """The GPTConfig a checkpoint's model_args describe (settings it predates at their defaults), refused
+    where they are inconsistent or its tensors are not that model's."""
     try:
         config = GPTConfig(**checkpoint["model_args"])
     except TypeError as e:
         raise CheckpointError(f"the checkpoint's model_args are not this model's settings ({e})") from None
     every_weight = config.method == "lora" and config.lora_rank == 0  # full fine-tuning: no base
-    if config.n_head <= 0 or config.n_embd % config.n_head or every_weight != (checkpoint["base"] is None):
+    if (config.n_head <= 0 or config.n_embd % config.n_head or config.method not in METHOD_SETTINGS
+            or every_weight != (checkpoint["base"] is None)):
         raise CheckpointError(f"the checkpoint's model_args are inconsistent: {checkpoint['model_args']}")
     with torch.device("meta"):  # its shapes, allocating nothing: model_args may be damaged
         check_tensors(apply_method(GPT(config)), checkpoint)
+    return config
+
+
+def load_model(checkpoint, base=None):
+    """The model a checkpoint describes: its trained tensors on the base weights it trained on (at base)."""
+    config = model_config(checkpoint)
     if checkpoint["base"] is None:
         return load_trained(apply_method(GPT.uninitialized(config)), checkpoint)
     base = base or checkpoint["base"]["init_from"]
     with loading_weights("base", base):
         model = apply_method(GPT.from_pretrained(base, {k: getattr(config, k) for k in GPT.ADAPTABLE}))
-    differs = next((k for k, v in asdict(model.config).items() if checkpoint["model_args"][k] != v), None)
+    differs = next((k for k, v in asdict(model.config).items() if getattr(config, k) != v), None)
     if differs:
-        saved, found = checkpoint["model_args"][differs], getattr(model.config, differs)
+        saved, found = getattr(config, differs), getattr(model.config, differs)
         raise CheckpointError(f"the checkpoint's model_args have {differs}={saved!r}, its base model "
                               f"{differs}={found!r}")
     if base_fingerprint(model) != checkpoint["base"]["fingerprint"]:

@@ -18,6 +18,7 @@ import torch
 
 from harness.checkpoints import (UMASK, CheckpointError, atomic_write, base_fingerprint, checkpoint_of,
                                  load_checkpoint, read_json, save_checkpoint)
+from finetune import other_methods_settings
 from harness.flags import Diverged, UsageError
 
 CHECKPOINTS = {"best": ("Best Val Checkpoint", "ckpt.pt"), "last": ("Last Iter Checkpoint", "ckpt_last.pt")}
@@ -188,8 +189,9 @@ def resumed_config(config, explicit, found, world):
         raise CheckpointError(f"{os.path.join(config.out_dir, 'metrics.jsonl')} holds rows of another run "
                               f"than {path}'s ({last['run_id']}); nothing was changed")
     saved = dict(BEFORE_METHODS, **last["config"])
+    unused = other_methods_settings(saved["method"])  # given, they are refused as not the method's own
     for key in FIXED:
-        if key in explicit and getattr(config, key) != saved[key]:
+        if key in explicit and key not in unused and getattr(config, key) != saved[key]:
             raise UsageError(f"{key}={getattr(config, key)!r} differs from the checkpoint's "
                              f"{key}={saved[key]!r} in {path}; drop the flag or use a new out_dir")
     merged = SimpleNamespace(**dict(saved, **{k: getattr(config, k) for k in set(explicit) | set(MACHINE)}))

@@ -201,3 +201,64 @@ def test_what_cannot_be_exported_is_one_line(method_runs, tmp_path, capsys, meth
                f"{why}", export.main, [f"out_dir={method_runs[method]}", f"format={fmt}",
                                        f"dest={tmp_path / 'x'}"])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_run_from_before_the_methods_resumes_evaluates_and_exports(hf_gpt2_dir, small_data_dir, tmp_path):
+    from tools import export
+    out = tmp_path / "old"
+    flags = [f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", "rank=4", "alpha=16", "max_iters=2",
+             "eval_interval=2", "batch_size=8", "gradient_accumulation_steps=1", "device=cpu"]
+    run_train(*flags, f"out_dir={out}")
+    for name in ("ckpt.pt", "ckpt_last.pt"):  # as the code before the methods wrote them
+        checkpoint = torch.load(out / name, weights_only=True)
+        for key in ("method", "adapter_size", "prefix_length"):
+            del checkpoint["model_args"][key], checkpoint["config"][key]
+        torch.save(checkpoint, out / name)
+    run_train(*flags, f"out_dir={out}", "resume=auto", "max_iters=4")
+    assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 4
+    assert len(generate.main([f"out_dir={out}", "device=cpu", "num_examples=4"])) == 2
+    export.main([f"out_dir={out}", "format=hf", f"dest={tmp_path / 'hf'}"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["prefix_length=256"], "prefix_length=256: must be less than the 256-token context of {base}"),
+    (["prefix_length=250"], "the 'default' prompt needs 23 tokens and its answer 5 more: more than the 6-token "
+                            "context of init_from={base} beside prefix_length=250 (lower it)"),
+])
+def test_a_prefix_too_long_for_the_context_is_one_line(hf_gpt2_dir, small_data_dir, tmp_path, capsys, flags,
+                                                       message):
+    fails_with(capsys, 2, "train.py: error: " + message.format(base=hf_gpt2_dir), run_train,
+               *run_flags(hf_gpt2_dir, small_data_dir, "prefix")[:-1], "eval_test=true", *flags,
+               f"out_dir={tmp_path / 'o'}")
+
+
+def test_another_methods_flag_on_resume_is_named_as_such(method_runs, hf_gpt2_dir, small_data_dir, capsys):
+    fails_with(capsys, 2, "train.py: error: lora_alpha: not a setting of method=adapter; drop the flag",
+               run_train, f"out_dir={method_runs['adapter']}", "resume=auto", "lora_alpha=8", "max_iters=4")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda c: c["model"].pop("transformer.h.1.attn.prefix.prefix_v"),
+    lambda c: c["model_args"].update(prefix_length=12),
+])
+def test_a_damaged_prefix_checkpoint_is_refused_by_export_in_one_line(method_runs, tmp_path, capsys, damage):
+    import shutil
+    from tools import export
+    out = tmp_path / "copy"
+    shutil.copytree(method_runs["prefix"], out)
+    for name in ("ckpt.pt", "ckpt_last.pt"):
+        checkpoint = torch.load(out / name, weights_only=True)
+        damage(checkpoint)
+        torch.save(checkpoint, out / name)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        export.main([f"out_dir={out}", "format=peft", f"dest={tmp_path / 'e'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("export.py: error: the checkpoint's ") and err.count("\n") == 1
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_few_shot_evaluation_of_a_raw_model_is_named_by_its_shots(hf_gpt2_dir, small_data_dir, tmp_path):
+    rows = generate.main([f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={tmp_path}",
+                          "shots=2", "method=logprob", "num_examples=4", "device=cpu"])
+    assert [r["checkpoint"] for r in rows] == [f"2-shot {hf_gpt2_dir}"]

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from harness.checkpoints import UMASK, load_model
+from harness.checkpoints import UMASK, load_model, model_config
 from harness.flags import UsageError, parse_flags, reported_errors
 from harness.run import OutDir, check_out_dir
 
@@ -131,7 +131,7 @@ def export(config):
         if checkpoint["base"] is None and (config.format == "peft" or config.base):
             raise UsageError(f"{path} is not a LoRA run (it trained every weight): it needs no base=, and "
                              "exports with format=hf")
-        method = checkpoint["model_args"].get("method", "lora")
+        method = model_config(checkpoint).method  # its model_args and tensors agree, or refused
         if (method, config.format) in UNEXPORTABLE:
             raise UsageError(f"{path} is a method={method} run: {UNEXPORTABLE[method, config.format]}")
         latest = out.latest()["base"]  # where the base weights are now

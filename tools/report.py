@@ -30,6 +30,7 @@ import torch
 
 import train
 from dataloader import DataError, check_demonstrations_fit, draw_demonstrations, load_rotten_tomatoes
+from finetune import other_methods_settings
 from generate import is_tested, read_results
 from harness.checkpoints import atomic_write, load_checkpoint, loading_weights
 from harness.device import device_and_dtype
@@ -101,7 +102,7 @@ def first_difference(saved, train_argv):
     """(flag, saved value, value asked for now) of the first result-changing difference, or None."""
     asked, saved = vars(parse_flags("report.py", train.FLAGS, train_argv)[0]), dict(BEFORE_METHODS, **saved)
     ignored = (NOT_COMPARED | (set(train.SIZES) if asked["init_from"] != "scratch" else set())  # the model's
-               | train.other_methods_settings(asked["method"]))
+               | other_methods_settings(asked["method"]))
     return next(((k, saved.get(k), asked[k]) for k in train.FLAGS
                  if k not in ignored and saved.get(k) != asked[k]), None)
 
