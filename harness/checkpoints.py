@@ -24,8 +24,20 @@ from model import GPT, GPTConfig
 
 VERSION = 3
 KEYS = {"version", "run_id", "model", "model_args", "base", "iter_num", "best_val_loss", "config"}
+BASE_KEYS = ("init_from", "fingerprint")
 CONFIG_KEYS = {"init_from", "dataset", "prompt_template", "max_iters", "eval_batch_size"}  # read back
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+FORM = {  # each part of a checkpoint as train.py writes it (ckpt_last.pt's resume state too)
+    "run_id": lambda v: isinstance(v, str), "iter_num": lambda v: type(v) is int,
+    "best_val_loss": lambda v: isinstance(v, (int, float)), "model_args": lambda v: isinstance(v, dict),
+    "model": lambda v: isinstance(v, dict) and all(map(torch.is_tensor, v.values())),
+    "config": lambda v: isinstance(v, dict) and CONFIG_KEYS <= set(v),
+    "base": lambda v: v is None or isinstance(v, dict) and all(type(v.get(k)) is str for k in BASE_KEYS),
+    "optimizer": lambda v: isinstance(v, dict) and {"state", "param_groups"} <= set(v),
+    "scaler": lambda v: isinstance(v, dict),
+    "rng": lambda v: isinstance(v, list) and len(v) > 0 and all(
+        isinstance(r, dict) and torch.is_tensor(r.get("cpu")) and "cuda" in r for r in v),
+}
 UMASK = os.umask(0o022)
 os.umask(UMASK)  # read once: files get the usual permissions, not mkstemp's owner-only ones
 
@@ -110,29 +122,10 @@ def load_checkpoint(path, mmap=False):
                               f"format {VERSION}")
     if not KEYS <= set(checkpoint):
         raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(KEYS - set(checkpoint)))}")
-    model = checkpoint["model"]
-    if not isinstance(model, dict) or not all(map(torch.is_tensor, model.values())):
-        raise CheckpointError(f"{path} is incomplete: its 'model' is not a set of tensors")
-    damaged = next((key for key, ok in damage_checks(checkpoint).items() if not ok), None)
+    damaged = [part for part, form in FORM.items() if part in checkpoint and not form(checkpoint[part])]
     if damaged:
-        raise CheckpointError(f"{path} is damaged: its {damaged} is not what train.py writes")
+        raise CheckpointError(f"{path} is damaged: its {damaged[0]} is not what train.py writes")
     return checkpoint
-
-
-def damage_checks(c):
-    """{part of a checkpoint: whether it has the form train.py writes}."""
-    base, optimizer, rng = c["base"], c.get("optimizer"), c.get("rng")
-    checks = dict(run_id=isinstance(c["run_id"], str), iter_num=type(c["iter_num"]) is int,
-                  best_val_loss=isinstance(c["best_val_loss"], (int, float)),
-                  model_args=isinstance(c["model_args"], dict),
-                  config=isinstance(c["config"], dict) and CONFIG_KEYS <= set(c["config"]),
-                  base=base is None or isinstance(base, dict) and all(
-                      isinstance(base.get(k), str) for k in ("init_from", "fingerprint")))
-    if "rng" in c or "optimizer" in c:  # ckpt_last.pt: what a run resumes from
-        checks.update(optimizer=isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer),
-                      rng=isinstance(rng, list) and len(rng) > 0 and all(
-                          isinstance(r, dict) and torch.is_tensor(r.get("cpu")) and "cuda" in r for r in rng))
-    return checks
 
 
 def model_config(checkpoint):

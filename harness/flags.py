@@ -38,14 +38,12 @@ def reported_errors(program, debug=False, also=()):
     traceback)."""
     try:
         yield
-    except (UsageError, OSError, Diverged, *also) as e:
+    except (UsageError, OSError, Diverged, KeyboardInterrupt, *also) as e:
         if debug:
             raise
+        if isinstance(e, KeyboardInterrupt):
+            fail(program, "interrupted; every file is whole (train.py continues with resume=auto)", 130)
         fail(program, e, 1 if isinstance(e, Diverged) else 2)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        fail(program, "interrupted; every file is whole (train.py continues with resume=auto)", 130)
 
 
 def parse_flags(program, flags, argv, summary=""):
