@@ -52,9 +52,9 @@ FLAGS = {  # name: (default, help[, allowed values])
     "shots": (0, "few-shot prompting: this many labelled train reviews (demonstrations) before each review, "
                  "half of each label; 0 = none", ">= 0"),
     "shot_seed": (0, "which demonstrations are drawn, and their order", "[0, 2**32)"),
-    "calibrate": (False, "contextual calibration of method=logprob (and of both's logprob rows): the label "
-                         "probabilities are divided by those of content-free reviews in the same prompt; "
-                         "method=generate has none"),
+    "calibrate": (False, "contextual calibration of method=logprob (and of both's logprob rows): a second "
+                         "row beside each, its label probabilities divided by those of content-free reviews "
+                         "in the same prompt; method=generate has none"),
     "show_prompt": (False, "print the first review's whole prompt before evaluating"),
     "seed": (1337, "random seed for sampling", "[0, 2**32)"),
     "batch_size": (64, "reviews per batch", "> 0"),
@@ -182,24 +182,29 @@ def evaluate(model, checkpoints, records, config, ctx, prefix=""):
         if checkpoint is not None:
             load_trained(model, checkpoint)
         for method in ("generate", "logprob") if config.method == "both" else (config.method,):
-            start, calibration = time.time(), None
-            preds = predict_labels(model, records, method, config, ctx, prefix)
-            if method == "logprob" and config.calibrate:
+            start = time.time()
+            readings = [(predict_labels(model, records, method, config, ctx, prefix), None)]
+            if method == "logprob" and config.calibrate:  # the same log-probabilities, shifted: a free row
                 calibration = content_free_p_positive(model, config, ctx, prefix)
-                preds = calibrated(preds, calibration)
-            seconds, summary = time.time() - start, summarize(preds)
-            parse = config.parse if method == "generate" else None
-            tag = f" [{method}{', calibrated' * bool(calibration)}]" if method == "logprob" else (
-                f" [{parse}]" if parse != "near_start" else "")
-            print(f"{report_line(name + tag, summary)}\n  {len(records)} reviews in {seconds:.1f} s "
-                  f"({len(records) / seconds:.1f} reviews/s)")
-            device = device_name(str(next(model.parameters()).device))
-            rows.append(dict(checkpoint=name, iter_num=checkpoint and checkpoint["iter_num"], method=method,
-                             parse=parse, seconds=round(seconds, 3), **summary,
-                             settings=dict(vars(config), method=method, device=device,
-                                           calibration=calibration)))
-            predictions.append(dict(checkpoint=name, method=method, parse=parse, records=preds))
+                readings.append((calibrated(readings[0][0], calibration), calibration))
+            seconds, device = time.time() - start, device_name(str(next(model.parameters()).device))
+            for preds, calibration in readings:
+                reading = None if calibration is None else "calibrated"  # of the label probabilities
+                parse = config.parse if method == "generate" else reading
+                rows.append(dict(checkpoint=name, iter_num=checkpoint and checkpoint["iter_num"],
+                                 method=method, parse=parse, seconds=round(seconds, 3), **summarize(preds),
+                                 settings=dict(vars(config), method=method, device=device,
+                                               calibration=calibration)))
+                predictions.append(dict(checkpoint=name, method=method, parse=parse, records=preds))
+                print(f"{report_line(name + row_tag(method, parse), rows[-1])}\n  {len(records)} reviews in "
+                      f"{seconds:.1f} s ({len(records) / seconds:.1f} reviews/s)")
     return rows, predictions
+
+
+def row_tag(method, parse):
+    if method == "logprob":
+        return " [logprob, calibrated]" if parse == "calibrated" else " [logprob]"
+    return f" [{parse}]" if parse != "near_start" else ""
 
 
 def is_the_runs_result(config, trained_with):

@@ -153,11 +153,21 @@ def test_a_few_shot_evaluation_records_its_settings_and_is_never_the_runs_result
     assert "[logprob, calibrated] || Accuracy: " in printed
     assert (out / "results.json").read_bytes() == before
     rows = json.loads((out / "last_evaluation.json").read_text())["results"]
-    assert [(r["method"], r["settings"]["shots"], r["settings"]["shot_seed"], r["settings"]["demonstrations"])
-            for r in rows] == [("generate", 2, 7, ids), ("logprob", 2, 7, ids)] * 2
-    assert [r["settings"]["calibrate"] for r in rows] == [True] * 4
-    assert [r["settings"]["calibration"] is None for r in rows] == [True, False] * 2
-    assert all(0 < r["settings"]["calibration"] < 1 for r in rows[1::2])
+    # each checkpoint: its generated answers, then the logprob row and the calibrated one beside it
+    assert [(r["method"], r["parse"], r["settings"]["shots"], r["settings"]["shot_seed"],
+             r["settings"]["demonstrations"]) for r in rows] == [
+        ("generate", "near_start", 2, 7, ids), ("logprob", None, 2, 7, ids),
+        ("logprob", "calibrated", 2, 7, ids)] * 2
+    assert [r["settings"]["calibrate"] for r in rows] == [True] * 6
+    assert [r["settings"]["calibration"] is None for r in rows] == [True, True, False] * 2
+    answers = json.loads((out / "last_evaluation.json").read_text())["predictions"]
+    for i in (1, 4):  # the calibrated log-odds: the same ones, less the content-free log-odds
+        p = rows[i + 1]["settings"]["calibration"]
+        assert 0 < p < 1
+        assert [a["log_odds"] for a in answers[i + 1]["records"]] == pytest.approx(
+            [a["log_odds"] - math.log(p / (1 - p)) for a in answers[i]["records"]], abs=1e-9)
+        assert f"[logprob] || Accuracy: {rows[i]['accuracy']:.4f}" in printed
+        assert f"[logprob, calibrated] || Accuracy: {rows[i + 1]['accuracy']:.4f}" in printed
     assert not generate.is_the_runs_result(defaults(generate.FLAGS, shots=2), None)
     assert not generate.is_the_runs_result(defaults(generate.FLAGS, calibrate=True), None)
     assert generate.is_the_runs_result(defaults(generate.FLAGS), None)

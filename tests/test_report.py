@@ -68,14 +68,13 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     assert [r["iter"] for r in full_metrics if "train_loss" in r] == [1, 2]  # resumed, not restarted twice
 
     for name, runs in (("zero-shot", ["k0_seed0"]), ("2-shot", ["k2_seed0", "k2_seed1"])):
-        for calibrated in ("", "_calibrated"):
+        for calibrated in (False, True):
             accuracies = []
-            for run in runs:
-                saved = json.loads((results / "prompting" / (run + calibrated) /
-                                    ("results.json" if run + calibrated == "k0_seed0" else "last_evaluation.json"))
-                                   .read_text())["results"]
-                assert [(r["method"], r["settings"]["calibrate"]) for r in saved] == [("logprob", bool(calibrated))]
-                accuracies.append(saved[0]["accuracy"])
+            for run in runs:  # one evaluation each: the logprob row, and the calibrated one beside it
+                path = results / "prompting" / run / "last_evaluation.json"
+                saved = json.loads(path.read_text())["results"]
+                assert [(r["method"], r["parse"]) for r in saved] == [("logprob", None), ("logprob", "calibrated")]
+                accuracies.append(saved[calibrated]["accuracy"])
             shown = (f"{statistics.mean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f}"
                      if len(runs) > 1 else f"{accuracies[0]:.4f}")
             label = name + (", calibrated" if calibrated else "")
@@ -87,7 +86,7 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")}
     again = run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64,full", *prompting)
     assert ("zero-shot: done already" in again and "r16_a64: done already" in again
-            and "full: done already" in again and "prompting k2_seed1_calibrated: done already" in again)
+            and "full: done already" in again and "prompting k2_seed1: done already" in again)
     assert "train.py" not in again and "generate.py" not in again
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*.pt")} == stamps
 

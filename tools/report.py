@@ -9,8 +9,8 @@ Each run is `python train.py <its flags> out_dir=<results_dir>/<run> resume=auto
 run (its results.json holds both checkpoints' test accuracy) is skipped and an interrupted one
 resumes, but only where its settings are the ones asked for now; a run with other settings stops
 report.py unless overwrite=true replaces it. The prompting baselines (shots= demonstrations per review, each
-drawn shot_seeds times, with and without contextual calibration) are evaluations of init_from with
-generate.py, skipped where done. Then it writes results.md (the tables), val_loss.png
+drawn shot_seeds times) are evaluations of init_from with generate.py calibrate=true (a row without and
+one with contextual calibration), skipped where done. Then it writes results.md (the tables), val_loss.png
 and val_loss_alpha.png (validation loss against iteration) and val_loss.json (the plotted numbers)
 into results_dir.
 """
@@ -217,15 +217,15 @@ def run_grid(config, names):
             print(f"{run}: done already ({out_dir})")
             continue
         run_command([sys.executable, os.path.join(HERE, "train.py"), *argv])
-    for shots, seed, calibrate in prompting_cases(config):
-        name = prompting_dir(shots, seed, calibrate)
-        if prompting_row(config, shots, seed, calibrate):
+    for shots, seed in prompting_cases(config):  # each evaluation gives the row and its calibrated one
+        name = prompting_dir(shots, seed)
+        if all(prompting_row(config, shots, seed, calibrate) for calibrate in (False, True)):
             print(f"prompting {name}: done already")
             continue
         out_dir = os.path.join(config.results_dir, "prompting", name)
         run_command([sys.executable, os.path.join(HERE, "generate.py"), f"out_dir={out_dir}",
                      f"init_from={config.init_from}", f"dataset={config.dataset}", f"device={config.device}",
-                     "method=logprob", f"shots={shots}", f"shot_seed={seed}", f"calibrate={calibrate}"])
+                     "method=logprob", f"shots={shots}", f"shot_seed={seed}", "calibrate=true"])
 
 
 def shot_counts(config):
@@ -237,26 +237,26 @@ def shot_counts(config):
 
 
 def prompting_cases(config):
-    """(shots, seed, calibrate) of each prompting evaluation: every seed of each number of shots (one
-    for none, which has no demonstrations to draw), each without and with calibration."""
-    return [(shots, seed, calibrate) for shots in shot_counts(config)
-            for seed in range(config.shot_seeds if shots else 1) for calibrate in (False, True)]
+    """(shots, seed) of each prompting evaluation: every seed of each number of shots (one for none,
+    which has no demonstrations to draw)."""
+    return [(shots, seed) for shots in shot_counts(config)
+            for seed in range(config.shot_seeds if shots else 1)]
 
 
-def prompting_dir(shots, seed, calibrate):
-    return f"k{shots}_seed{seed}" + ("_calibrated" if calibrate else "")
+def prompting_dir(shots, seed):
+    return f"k{shots}_seed{seed}"
 
 
 def prompting_row(config, shots, seed, calibrate):
-    """The logprob test accuracy of init_from with these demonstrations, if it has been measured."""
-    out_dir = os.path.join(config.results_dir, "prompting", prompting_dir(shots, seed, calibrate))
+    """The logprob test accuracy of init_from with these demonstrations (calibrated or not), if measured."""
+    out_dir = os.path.join(config.results_dir, "prompting", prompting_dir(shots, seed))
     wanted = dict(init_from=config.init_from, dataset=config.dataset, num_examples=0, shots=shots,
-                  shot_seed=seed if shots else 0, calibrate=calibrate)
-    for name in ("results.json", "last_evaluation.json"):
-        results = read_results(os.path.join(out_dir, name))
-        for row in results["results"] if results and results.get("split") == "test" else []:
-            if row["method"] == "logprob" and all(row["settings"].get(k) == v for k, v in wanted.items()):
-                return row
+                  shot_seed=seed if shots else 0, calibrate=True)
+    results = read_results(os.path.join(out_dir, "last_evaluation.json"))
+    for row in results["results"] if results and results.get("split") == "test" else []:
+        if ((row["method"], row["parse"]) == ("logprob", "calibrated" if calibrate else None)
+                and all(row["settings"].get(k) == v for k, v in wanted.items())):
+            return row
     return None
 
 
