@@ -357,6 +357,8 @@ def main(argv):
             if config.shots or not texts:  # the data, checked before the model loads
                 check_source("dataset", config.dataset)
                 splits = load_rotten_tomatoes(config.dataset)
+            if splits and config.num_examples >= len(splits[config.split]):
+                config.num_examples = 0  # as many as there are: the whole split
             records = ([dict(text=t, label=None) for t in texts] if texts
                        else sample(splits[config.split], config.num_examples))
             prefix, config.demonstrations = few_shot(config, splits, records, checkpoints[0][1])

@@ -242,11 +242,16 @@ def forward_backward(model, loader, scaler, iter_num, config, ctx):
     return step_loss.item(), tokens * world
 
 
-def clip_and_step(optimizer, scaler, grad_clip):
+def clip_and_step(optimizer, scaler, grad_clip, iter_num):
+    """Clip the gradients' norm, step and clear them. A norm that is not finite would zero the update (or
+    make it nan): the run stops, except in float16, where the loss scaler skips such a step itself."""
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         trained = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+        if not scaler.is_enabled() and not torch.isfinite(norm):
+            raise Diverged(f"the gradient norm is {norm.item()} at iteration {iter_num + 1}; checkpoints left "
+                           "as they were")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -301,7 +306,7 @@ def train(model, loader, run, device, dtype):
                                "left as they were")
             if ckpt_due:  # the state whose loss has just proved finite, before the step changes it
                 run.save("ckpt_last.pt", model, iter_num, best_val_loss, optimizer, scaler, rng)
-            clip_and_step(optimizer, scaler, config.grad_clip)
+            clip_and_step(optimizer, scaler, config.grad_clip, iter_num)
             iter_num += 1
             step_time = time.time() - t0
             row = run.log(iter=iter_num, train_loss=train_loss, lr=config.learning_rate, tokens=tokens,

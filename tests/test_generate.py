@@ -166,6 +166,10 @@ def test_zero_shot_on_a_local_directory(hf_gpt2_dir, small_data_dir, tmp_path, c
     results = json.loads((tmp_path / "last_evaluation.json").read_text())  # not a test result
     assert (results["split"] == "validation" and results["results"][0]["total"] == 64
             and results["complete"] is False)
+    generate.main([f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", f"out_dir={tmp_path}",
+                   "num_examples=500", "device=cpu"])  # the whole test split: the model's test result
+    row = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    assert row["total"] == 64 and row["settings"]["num_examples"] == 0
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path, capsys):

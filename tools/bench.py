@@ -196,7 +196,7 @@ def bench_train_step(shape, loader, config, device, dtype):
                     synchronize(device)
                     start = time.perf_counter()
                 train.forward_backward(model, loader, scaler, i, c, autocast(device, dtype))
-                train.clip_and_step(optimizer, scaler, c.grad_clip)
+                train.clip_and_step(optimizer, scaler, c.grad_clip, i)
             synchronize(device)
         except torch.cuda.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
