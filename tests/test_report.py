@@ -11,12 +11,12 @@ import pytest
 import nbformat
 from nbclient import NotebookClient
 
-from conftest import last_wins
-from harness.flags import parse_flags
-from tools import report
+import train
+from conftest import KILLER, ROOT, last_wins, save_random_hf_gpt2
 from harness.checkpoints import load_checkpoint
-from conftest import KILLER, ROOT, save_random_hf_gpt2
+from harness.flags import parse_flags
 from harness.run import read_metrics
+from tools import report
 
 TINY = "batch_size=8 gradient_accumulation_steps=2 eval_interval=1"
 
@@ -223,7 +223,10 @@ def test_colab_setup_cell_clones_once_and_finds_the_clone_after_a_restart(tmp_pa
 
 def test_a_run_is_reused_only_with_the_settings_asked_for(hf_gpt2_dir, small_data_dir, tmp_path):
     results = tmp_path / "results"
-    run_report(results, hf_gpt2_dir, small_data_dir, "runs=r16_a64", "zero_shot=false")
+    config, _ = parse_flags("report.py", report.FLAGS, [f"results_dir={results}", f"init_from={hf_gpt2_dir}",
+                                                        f"dataset={small_data_dir}", "device=cpu", "max_iters=2",
+                                                        f"extra={TINY}"])
+    train.main(report.train_argv(config, "r16_a64"))  # the run as report.py starts it, in this process
     run_dir = results / "r16_a64"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     other = tmp_path / "other_model"
