@@ -264,7 +264,8 @@ def test_submission_zip_holds_every_file_the_scripts_need_and_no_key(tmp_path):
     # never wandb_api.json: a key may be pasted there
     methods = ["bitfit.py", "adapters.py", "prefix.py", "finetune.py"]  # the other ways to fine-tune
     assert sorted(names) == sorted([*report.GRADED, *methods, *harness, "tools/__init__.py",
-                                    "tools/report.py", "requirements.txt", "run_in_colab.ipynb"])
+                                    "tools/report.py", "tools/prompting.py", "requirements.txt",
+                                    "run_in_colab.ipynb"])
     for name in names:  # flat, as the course's upload wants, and the files as they are here
         assert (tmp_path / "unzipped" / name).read_bytes() == (ROOT / name).read_bytes()
     # nothing else is needed: the scripts import and show their help from the unzipped files alone

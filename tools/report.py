@@ -16,7 +16,6 @@ into results_dir.
 """
 import ast
 import contextlib
-import statistics
 import ctypes
 import json
 import os
@@ -29,7 +28,7 @@ import zipfile
 import torch
 
 import train
-from dataloader import DataError, check_demonstrations_fit, draw_demonstrations, load_rotten_tomatoes
+from dataloader import DataError
 from finetune import other_methods_settings
 from generate import is_tested, read_results
 from harness.checkpoints import atomic_write, load_checkpoint, loading_weights
@@ -38,6 +37,7 @@ from harness.flags import UsageError, fail, parse, parse_flags, reported_errors
 from harness.run import BEFORE_METHODS, check_out_dir, read_metrics
 from finetune import apply_method
 from model import GPT, GPTConfig, count_parameters
+from tools import prompting
 
 RUNS = {  # name: (label in the tables and plots, train.py flags beside its defaults)
     "r16_a64": ("LoRA r=16, alpha=64", "lora_rank=16 lora_alpha=64"),
@@ -169,7 +169,7 @@ def check_grid(config, names):
     ranks = {run: f.lora_rank if f.method == "lora" else 0 for run, f in flags.items()}
     device_and_dtype(config.device, "auto")
     check_out_dir(config.results_dir, "results_dir")
-    if config.init_from == "scratch" and shot_counts(config):
+    if config.init_from == "scratch" and prompting.shot_counts(config):
         raise UsageError("shots= prompts a pretrained model, which init_from=scratch is not: give shots=")
     lora = next((run for run, rank in ranks.items() if rank and config.init_from == "scratch"), None)
     if lora:
@@ -185,12 +185,7 @@ def check_grid(config, names):
         if rank > width:
             raise UsageError(f"runs={run}: lora_rank={rank} is more than the {width}-wide layers of "
                              f"{config.init_from}; choose other runs or another init_from")
-    if shot_counts(config):
-        splits = load_rotten_tomatoes(config.dataset)
-        for seed in range(config.shot_seeds):  # the most shots, with each seed's demonstrations
-            ids = draw_demonstrations(splits, max(shot_counts(config)), seed)
-            check_demonstrations_fit([splits["train"][i] for i in ids], splits["test"], "default",
-                                     model.n_positions, 0)
+    prompting.check_fit(config, model.n_positions)
 
 
 def run_grid(config, names):
@@ -217,67 +212,12 @@ def run_grid(config, names):
             print(f"{run}: done already ({out_dir})")
             continue
         run_command([sys.executable, os.path.join(HERE, "train.py"), *argv])
-    for shots, seed in prompting_cases(config):  # each evaluation gives the row and its calibrated one
-        name = prompting_dir(shots, seed)
-        if all(prompting_row(config, shots, seed, calibrate) for calibrate in (False, True)):
-            print(f"prompting {name}: done already")
-            continue
-        out_dir = os.path.join(config.results_dir, "prompting", name)
-        run_command([sys.executable, os.path.join(HERE, "generate.py"), f"out_dir={out_dir}",
-                     f"init_from={config.init_from}", f"dataset={config.dataset}", f"device={config.device}",
-                     "method=logprob", f"shots={shots}", f"shot_seed={seed}", "calibrate=true"])
-
-
-def shot_counts(config):
-    """The numbers of demonstrations in shots=."""
-    counts = [k.strip() for k in config.shots.split(",") if k.strip()]
-    if not all(k.isdigit() for k in counts):
-        raise UsageError(f"shots={config.shots!r}: expected whole numbers >= 0, comma-separated")
-    return sorted({int(k) for k in counts})
-
-
-def prompting_cases(config):
-    """(shots, seed) of each prompting evaluation: every seed of each number of shots (one for none,
-    which has no demonstrations to draw)."""
-    return [(shots, seed) for shots in shot_counts(config)
-            for seed in range(config.shot_seeds if shots else 1)]
-
-
-def prompting_dir(shots, seed):
-    return f"k{shots}_seed{seed}"
-
-
-def prompting_row(config, shots, seed, calibrate):
-    """The logprob test accuracy of init_from with these demonstrations (calibrated or not), if measured."""
-    out_dir = os.path.join(config.results_dir, "prompting", prompting_dir(shots, seed))
-    wanted = dict(init_from=config.init_from, dataset=config.dataset, num_examples=0, shots=shots,
-                  shot_seed=seed if shots else 0, calibrate=True)
-    results = read_results(os.path.join(out_dir, "last_evaluation.json"))
-    for row in results["results"] if results and results.get("split") == "test" else []:
-        if ((row["method"], row["parse"]) == ("logprob", "calibrated" if calibrate else None)
-                and all(row["settings"].get(k) == v for k, v in wanted.items())):
-            return row
-    return None
-
-
-def prompting_table(config, summaries):
-    """Prompting baselines beside the fine-tuned runs: mean ± sample std over the demonstration sets."""
-    lines = ["## Prompting against fine-tuning", "",
-             f"Prompting: {config.init_from}'s likelier label word (method=logprob); mean ± standard "
-             "deviation over the demonstration sets drawn. Fine-tuned: the Best Val Checkpoint's generated "
-             "answers.", "", "| method | test accuracy | evaluations |", "|---|---|---|"]
-    for shots in shot_counts(config):
-        for calibrate in (False, True):
-            seeds = range(config.shot_seeds if shots else 1)
-            rows = [prompting_row(config, shots, seed, calibrate) for seed in seeds]
-            name = (f"{shots}-shot" if shots else "zero-shot") + (", calibrated" if calibrate else "")
-            accuracies = [r["accuracy"] for r in rows if r]
-            spread = f" ± {statistics.stdev(accuracies):.4f}" if len(accuracies) > 1 else ""
-            shown = f"{statistics.mean(accuracies):.4f}{spread}" if accuracies else "not run yet"
-            lines.append(f"| {name} | {shown} | {len(accuracies)} of {len(rows)} |")
-    for run, s in summaries.items():
-        lines.append(f"| {LABELS[run]} (fine-tuned) | {s['best']['accuracy']:.4f} | 1 |")
-    return lines + [""]
+    for shots, seed in prompting.cases(config):
+        if prompting.is_done(config, shots, seed):
+            print(f"prompting {prompting.directory(shots, seed)}: done already")
+        else:
+            run_command([sys.executable, os.path.join(HERE, "generate.py"),
+                         *prompting.argv(config, shots, seed)])
 
 
 def run_summary(out_dir, checkpoint):
@@ -348,8 +288,10 @@ def write_markdown(config, summaries):
     for title, names in TABLES:
         lines += [f"## {title}", "", *table(names, summaries), ""]
     lines += methods_table(summaries)
-    if shot_counts(config):
-        lines += prompting_table(config, summaries)
+    if prompting.shot_counts(config):
+        fine_tuned = [f"| {LABELS[run]} (fine-tuned) | {s['best']['accuracy']:.4f} | 1 |"
+                      for run, s in summaries.items()]
+        lines += [*prompting.table(config), *fine_tuned, ""]
     path = os.path.join(config.results_dir, "results.md")
     atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     return path
@@ -398,7 +340,9 @@ def submission_files():
         with open(os.path.join(HERE, name), encoding="utf-8") as f:
             tree = ast.parse(f.read())
         modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        modules += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        for n in ast.walk(tree):  # from package import module: the module's file too
+            if isinstance(n, ast.ImportFrom) and n.module:
+                modules += [n.module] + [f"{n.module}.{a.name}" for a in n.names]
         for path in [m.replace(".", "/") + ".py" for m in modules] + [os.path.dirname(name) + "/__init__.py"]:
             todo += [path.lstrip("/")] if os.path.isfile(os.path.join(HERE, path.lstrip("/"))) else []
     return sorted(needed) + ["requirements.txt", "run_in_colab.ipynb"]
