@@ -52,13 +52,14 @@ def peft_adapter(checkpoint, base):
     tensors = {}
     for layer in range(args["n_layer"]):
         ours, theirs = f"transformer.h.{layer}.attn", f"base_model.model.transformer.h.{layer}.attn.c_attn"
-        # c_attn(x) = [q | k | v]: x A^T stacks the three rank-r codes, a block-diagonal B maps each to its part
+        # c_attn(x) = [q | k | v]: A stacks the three rank-r codes, a block-diagonal B sends each to its part
         tensors[f"{theirs}.lora_A.weight"] = torch.cat([lora[f"{ours}.{p}_attn.lora_A"] for p in "qkv"])
         B = [lora[f"{ours}.{p}_attn.lora_B"] for p in "qkv"]
         tensors[f"{theirs}.lora_B.weight"] = torch.block_diag(*B)
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base,
-                  r=3 * args["lora_rank"], lora_alpha=3 * args["lora_alpha"], lora_dropout=args["lora_dropout"],
-                  target_modules=["c_attn"], fan_in_fan_out=True, bias="none", inference_mode=True)
+                  r=3 * args["lora_rank"], lora_alpha=3 * args["lora_alpha"],
+                  lora_dropout=args["lora_dropout"], target_modules=["c_attn"], fan_in_fan_out=True,
+                  bias="none", inference_mode=True)
     return config, {k: v.contiguous() for k, v in tensors.items()}
 
 
