@@ -25,13 +25,17 @@ from harness.run import read_metrics
 from lora import mark_only_lora_as_trainable
 from finetune import apply_method
 from model import GPT, GPTConfig
+from tools.bench_table import peak_tflops, print_table, t4_projection, training_flops_per_token
 
 FLAGS = {
-    "smoke": (False, "a tiny model, a few steps and reviews: checks that the benchmark runs (CPU, seconds)"),
-    "dataset": (os.environ.get("ROTTEN_TOMATOES_DIR", ""), "local directory with train/validation/test.jsonl"),
+    "smoke": (False, "a tiny model, a few steps and reviews: checks that the benchmark runs "
+                     "(CPU, seconds)"),
+    "dataset": (os.environ.get("ROTTEN_TOMATOES_DIR", ""),
+                "local directory with train/validation/test.jsonl"),
     "shape": ("medium", "the model's shape: medium (gpt2-medium, 355 M) or gpt2 (124 M, which a CPU can run)",
               ("medium", "gpt2")),
-    "parts": ("train,step,memory,evaluate,prompting,writes,end_to_end", "which measurements, comma-separated"),
+    "parts": ("train,step,memory,evaluate,prompting,writes,end_to_end",
+              "which measurements, comma-separated"),
     "shots": (8, "prompting: demonstrations before each review, against none"),
     "batch_size": (32, "reviews per training step (one micro-batch: train.py's)"),
     "steps": (10, "timed training steps"),
@@ -42,9 +46,6 @@ FLAGS = {
     "dtype": ("auto", "auto, float32, bfloat16 or float16"),
     "out": ("bench.json", "where the numbers go"),
 }
-# dense bf16 tensor-core peaks (T4: fp16); the first name found in the device's name counts
-PEAK_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L4": 121, "T4": 65}
-DEFAULT_EXPERIMENT_REVIEWS = 80 * 128  # train.py's max_iters x examples per step
 MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024)
 GPT2 = dict(n_layer=12, n_head=12, n_embd=768)
 TINY = dict(n_layer=2, n_head=4, n_embd=64)
@@ -68,14 +69,16 @@ def review_data(dataset):
         n = int(torch.randint(8, 45, (1,), generator=generator))
         return " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=generator))
     print("no local dataset: synthetic reviews of similar lengths")
-    return {s: [dict(text=review(), label=i % 2) for i in range(n)] for s, n in zip(SPLITS, (1024, 256, 1066))}
+    return {s: [dict(text=review(), label=i % 2) for i in range(n)]
+            for s, n in zip(SPLITS, (1024, 256, 1066))}
 
 
 def hf_and_ours(shape, lora_rank, device):
     """A random Hugging Face GPT-2 (+ PEFT LoRA on c_attn) and ours with the same weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape))
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    **shape))
     ours = GPT(GPTConfig(lora_rank=lora_rank, lora_alpha=4.0 * lora_rank, lora_dropout=0.05, **shape))
     ours.load_hf_state_dict(hf.state_dict())
     if lora_rank:
@@ -100,7 +103,8 @@ def time_training(model, batches, hf, device, dtype, warmup=3, share_prefix=True
     losses = []
     def step(x, y, shared):
         with autocast(device, dtype):
-            loss = model(**hf_inputs(x, y)).loss if hf else model(x, y, shared=shared if share_prefix else 0)[1]
+            loss = (model(**hf_inputs(x, y)).loss if hf
+                    else model(x, y, shared=shared if share_prefix else 0)[1])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -119,28 +123,13 @@ def time_training(model, batches, hf, device, dtype, warmup=3, share_prefix=True
     return seconds, memory, float(torch.stack(losses).float().mean())
 
 
-def training_flops_per_token(shape, lora_rank, tokens_per_review, targets_per_review):
-    """Honest counts: frozen matmuls cost 2x their forward (input gradients only), trained ones 3x."""
-    L, C, V = shape["n_layer"], shape["n_embd"], 50257
-    body = 2 * 12 * L * C * C                     # q, k, v, proj and the MLP, forward
-    attention = 2 * L * C * tokens_per_review     # scores and values over the causal context, forward
-    head = 2 * V * C * targets_per_review / tokens_per_review  # lm_head only where there is a target
-    if lora_rank == 0:
-        return 3 * (body + attention + head)
-    return 2 * (body + head) + 3 * attention + 3 * 12 * L * C * lora_rank
-
-
-def peak_tflops(name):
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
 def bench_training(shape, loader, config, device, dtype, name):
     rows = []
-    n = config.batch_size
-    warmup = config.warmup
+    n, warmup = config.batch_size, config.warmup
     examples = loader.train_examples(0, n * (config.steps + warmup))
     batches = [(x.to(device), y.to(device), shared) for x, y, shared in (
-        loader.collate(sorted(examples[i:i + n], key=lambda e: len(e[0]))) for i in range(0, len(examples), n))]
+        loader.collate(sorted(examples[i:i + n], key=lambda e: len(e[0])))
+        for i in range(0, len(examples), n))]
     tokens = sum(len(ids) - 1 for ids, _ in examples[warmup * n:])
     targets = sum(len(ids) - p for ids, p in examples[warmup * n:])
     for rank, label in ((128, "LoRA r=128"), (0, "full fine-tuning")):
@@ -215,11 +204,12 @@ def bench_activation_memory(shape, loader, device, dtype):
     """Bytes the forward pass keeps for the backward pass, per review of the longest prompts, counted
     from the saved tensors (not the allocator): what bounds the micro-batch a card can hold. The
     reviews' common start (the instruction), computed once per micro-batch, counts in the fixed part."""
-    longest = sorted(loader.examples["train"], key=lambda e: len(e[0]))[-4:]  # distinct reviews, as in a batch
+    longest = sorted(loader.examples["train"], key=lambda e: len(e[0]))[-4:]  # distinct, as in a batch
     rows = []
     for rank, dropout, label in ((128, 0.0, "LoRA r=128"), (0, 0.05, "full fine-tuning, dropout 0.05")):
         torch.manual_seed(0)  # the dropouts of train.py's default run and of the homework's full run
-        model = GPT(GPTConfig(lora_rank=rank, lora_alpha=4.0 * rank, lora_dropout=0.05, dropout=dropout, **shape))
+        model = GPT(GPTConfig(lora_rank=rank, lora_alpha=4.0 * rank, lora_dropout=0.05, dropout=dropout,
+                              **shape))
         model = (mark_only_lora_as_trainable(model) if rank else model).to(device).train()
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         for share, who in ((True, "ours"), (False, "ours, no sharing")):
@@ -237,8 +227,9 @@ def bench_activation_memory(shape, loader, device, dtype):
                     model(x.to(device), y.to(device), shared=shared if share else 0)
                 saved.append(sum(storages.values()))
             per_review = (saved[1] - saved[0]) / 2
-            rows.append(dict(what=f"saved for backward, {label}", who=who, tokens_per_review=len(longest[-1][0]) - 1,
-                             mib_per_review=per_review / 2**20, fixed_mib=(saved[0] - 2 * per_review) / 2**20))
+            rows.append(dict(what=f"saved for backward, {label}", who=who,
+                             tokens_per_review=len(longest[-1][0]) - 1, mib_per_review=per_review / 2**20,
+                             fixed_mib=(saved[0] - 2 * per_review) / 2**20))
     return rows
 
 
@@ -246,6 +237,7 @@ def bench_evaluation(shape, loader, config, device, dtype):
     hf, ours = hf_and_ours(shape, 128, device)
     hf, ours = hf.merge_and_unload().eval(), ours.eval()
     records = loader.records["test"]
+    validation_reviews = len(loader.examples["validation"])
     prompts = [ids[:p] for ids, p in loader.examples["test"]]
     rows = []
 
@@ -255,12 +247,12 @@ def bench_evaluation(shape, loader, config, device, dtype):
         work()
         synchronize(device)
         return time.perf_counter() - start
-    for share, who in ((True, "ours"), (False, "ours, no sharing")):  # the prompts' common start once per batch, or not
+    for share, who in ((True, "ours"), (False, "ours, no sharing")):  # common start once per batch, or not
         validation = defaults(train.FLAGS, share_prefix=share)
+        settings = defaults(generate.FLAGS, batch_size=config.eval_batch_size, share_prefix=share)
         rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who=who, seconds=seconds(
-            lambda: generate.predict_labels(ours, records, "generate", defaults(
-                generate.FLAGS, batch_size=config.eval_batch_size, share_prefix=share), autocast(device, dtype)))))
-        rows.append(dict(what=f"validation loss, {len(loader.examples['validation'])} reviews", who=who, seconds=seconds(
+            lambda: generate.predict_labels(ours, records, "generate", settings, autocast(device, dtype)))))
+        rows.append(dict(what=f"validation loss, {validation_reviews} reviews", who=who, seconds=seconds(
             lambda: train.validation_loss(ours, loader, validation, autocast(device, dtype)))))
     ours.eval()
 
@@ -269,14 +261,17 @@ def bench_evaluation(shape, loader, config, device, dtype):
         ids = torch.tensor([[50256] * (T - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch], device=device)
         with torch.no_grad(), autocast(device, dtype):
-            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=50256)
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                        pad_token_id=50256)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     start = time.perf_counter()
     for i in range(0, len(order), config.eval_batch_size):
         hf_generate([prompts[j] for j in order[i:i + config.eval_batch_size]])
     synchronize(device)
-    rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who="transformers", seconds=time.perf_counter() - start))
-    for who, one in (("ours", lambda p: ours.generate_batch([p], 5)), ("transformers", lambda p: hf_generate([p]))):
+    rows.append(dict(what=f"evaluate {len(records)} reviews, batched", who="transformers",
+                     seconds=time.perf_counter() - start))
+    for who, one in (("ours", lambda p: ours.generate_batch([p], 5)),
+                     ("transformers", lambda p: hf_generate([p]))):
         start = time.perf_counter()
         for p in prompts[:config.one_at_a_time]:
             one(p)
@@ -344,13 +339,15 @@ def bench_checkpoint_writes(shape, repeats=2):
 def bench_end_to_end(shape, dataset, config, device):
     """One default experiment: 80 steps with evaluations, then test accuracy of both checkpoints."""
     if not isinstance(dataset, str):
-        return [dict(what="default experiment end to end", who="ours", skipped="needs a local dataset directory")]
+        return [dict(what="default experiment end to end", who="ours",
+                     skipped="needs a local dataset directory")]
     from transformers import GPT2Config, GPT2LMHeadModel
     with tempfile.TemporaryDirectory() as tmp:
         GPT2LMHeadModel(GPT2Config(n_positions=1024, **shape)).save_pretrained(os.path.join(tmp, "model"))
         flags = [f"init_from={tmp}/model", f"dataset={dataset}", f"out_dir={tmp}/run", f"device={device}"]
         if config.smoke:
-            flags += ["max_iters=2", "batch_size=8", "gradient_accumulation_steps=1", "eval_iters=2", "lora_rank=8"]
+            flags += ["max_iters=2", "batch_size=8", "gradient_accumulation_steps=1", "eval_iters=2",
+                      "lora_rank=8"]
         start = time.perf_counter()
         train.main(flags)
         seconds = time.perf_counter() - start
@@ -360,55 +357,8 @@ def bench_end_to_end(shape, dataset, config, device):
     steps = sum(r.get("step_time", 0.0) for r in metrics)
     validation = sum(r.get("val_time", 0.0) for r in metrics)
     loop = metrics[-1]["elapsed"]
-    return [dict(what="default experiment end to end", who="ours", seconds=seconds, loop_s=loop, train_steps_s=steps,
-                 validation_s=validation, loop_rest_s=loop - steps - validation)]
-
-
-def t4_projection(rows, name, tokens_per_review):
-    """Rows scaled from this device to a T4 by the ratio of their peaks: a projection, not a measurement."""
-    peak = peak_tflops(name)
-    if peak is None or "T4" in name:
-        return []
-    ratio = PEAK_TFLOPS["T4"] / peak
-    projected = []
-    for r in rows:
-        if r["who"] != "ours" or "projected" in r["what"]:
-            continue
-        if "tokens_per_s" in r:
-            tokens_per_s = r["tokens_per_s"] * ratio
-            projected.append(dict(what=f"projected T4: {r['what']}", who="ours", tokens_per_s=tokens_per_s,
-                                  seconds=DEFAULT_EXPERIMENT_REVIEWS * tokens_per_review / tokens_per_s,
-                                  note=f"peak ratio {PEAK_TFLOPS['T4']}/{peak}; seconds: the default experiment's training steps"))
-        elif "batched" in r["what"]:
-            projected.append(dict(what=f"projected T4: {r['what']}", who="ours", seconds=r["seconds"] / ratio,
-                                  note=f"peak ratio {PEAK_TFLOPS['T4']}/{peak}"))
-    return projected
-
-
-def print_table(rows):
-    print(f"\n{'what':<48} {'who':<18} {'tokens/s':>10} {'step ms':>8} {'GiB':>6} {'MFU':>6} {'seconds':>8} {'x':>5}")
-    for r in rows:
-        if "megabytes" in r:
-            print(f"{r['what']:<48} {r['who']:<18} {r['seconds']:.2f} s, {r['megabytes']:,.1f} MB")
-            continue
-        if "mib_per_review" in r:
-            print(f"{r['what']:<48} {r['who']:<18} {r['mib_per_review']:.1f} MiB per review of "
-                  f"{r['tokens_per_review']} tokens, + {r['fixed_mib']:.0f} MiB fixed")
-            continue
-        cells = [f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "", f"{r['step_ms']:.1f}" if "step_ms" in r else "",
-                 f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else "", f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "",
-                 f"{r['seconds']:.3f}" if "seconds" in r else r.get("skipped", ""), f"{r['speedup']:.2f}" if "speedup" in r else ""]
-        print(f"{r['what']:<48} {r['who']:<18} {cells[0]:>10} {cells[1]:>8} {cells[2]:>6} {cells[3]:>6} {cells[4]:>8} {cells[5]:>5}")
-    for r in rows:
-        if "loop_s" in r:
-            print(f"{r['what']}: {r['seconds']:.1f} s, of which the training loop {r['loop_s']:.1f} s: steps "
-                  f"{r['train_steps_s']:.1f} s, validation {r['validation_s']:.1f} s, checkpoint writes and "
-                  f"logging {r['loop_rest_s']:.1f} s")
-    for r in rows:
-        if r.get("cost_vs_zero_shot", 1) != 1:
-            print(f"{r['what']} ({r['who']}): {r['cost_vs_zero_shot']:.2f} x the 0-shot evaluation's time")
-    for note in dict.fromkeys(r["note"] for r in rows if "note" in r):
-        print(f"projected T4 rows are not measured: {note}")
+    return [dict(what="default experiment end to end", who="ours", seconds=seconds, loop_s=loop,
+                 train_steps_s=steps, validation_s=validation, loop_rest_s=loop - steps - validation)]
 
 
 def main(argv):
@@ -424,7 +374,8 @@ def main(argv):
     dataset = review_data(config.dataset)
     loader = CustomDataLoader(dataset)
     if config.smoke:
-        loader.records["test"], loader.examples["test"] = loader.records["test"][:24], loader.examples["test"][:24]
+        for by_split in (loader.records, loader.examples):
+            by_split["test"] = by_split["test"][:24]
     print(f"bench on {name} ({dtype}), model {shape}, torch {torch.__version__}")
     rows = bench_training(shape, loader, config, device, dtype, name) if "train" in parts else []
     rows += bench_train_step(shape, loader, config, device, dtype) if "step" in parts else []
@@ -436,8 +387,8 @@ def main(argv):
     train_ids = loader.examples["train"]
     rows += t4_projection(rows, name, sum(len(ids) - 1 for ids, _ in train_ids) / len(train_ids))
     print_table(rows)
-    result = dict(device=name, dtype=dtype, torch=torch.__version__, shape=shape, settings=vars(config), rows=rows,
-                  date=time.strftime("%Y-%m-%d"))
+    result = dict(device=name, dtype=dtype, torch=torch.__version__, shape=shape, settings=vars(config),
+                  rows=rows, date=time.strftime("%Y-%m-%d"))
     with open(config.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {config.out}")
