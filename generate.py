@@ -239,6 +239,10 @@ def write_results(out, run_id, split, complete, rows, predictions):
     return out.file(name)
 
 
+ROW_KEYS = {"checkpoint", "iter_num", "method", "parse", "seconds", "accuracy", "positive", "negative",
+            "correct", "unparseable", "total", "settings"}  # what evaluate writes in each row
+
+
 def row_key(row):
     return row["checkpoint"], row["method"], row["parse"]
 
@@ -246,10 +250,12 @@ def row_key(row):
 def read_results(path):
     """A results file of ours, or None where it is missing or not one (it is then replaced, never read)."""
     results = read_json(path)
-    rows = results.get("results") if isinstance(results, dict) else None
-    ok = isinstance(rows, list) and all(isinstance(r, dict) and {"checkpoint", "method", "parse"} <= set(r)
-                                        for r in rows)
-    ok = ok and isinstance(results.get("predictions"), list) and len(results["predictions"]) == len(rows)
+    ok = isinstance(results, dict) and {"run_id", "split", "results", "predictions"} <= set(results)
+    rows = results["results"] if ok else None
+    ok = ok and isinstance(rows, list) and all(
+        isinstance(r, dict) and ROW_KEYS <= set(r) and isinstance(r["settings"], dict)
+        and isinstance(r["accuracy"], (int, float)) for r in rows)
+    ok = ok and isinstance(results["predictions"], list) and len(results["predictions"]) == len(rows)
     return results if ok else None
 
 

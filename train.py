@@ -243,15 +243,15 @@ def forward_backward(model, loader, scaler, iter_num, config, ctx):
 
 
 def clip_and_step(optimizer, scaler, grad_clip, iter_num):
-    """Clip the gradients' norm, step and clear them. A norm that is not finite would zero the update (or
-    make it nan): the run stops, except in float16, where the loss scaler skips such a step itself."""
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        trained = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)
-        if not scaler.is_enabled() and not torch.isfinite(norm):
-            raise Diverged(f"the gradient norm is {norm.item()} at iteration {iter_num + 1}; checkpoints left "
-                           "as they were")
+    """Clip the gradients' norm (grad_clip 0: only measure it), step and clear them. A norm that is not
+    finite would zero the update or make it nan: the run stops, except in float16, where the loss scaler
+    skips such a step itself."""
+    scaler.unscale_(optimizer)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip or math.inf)
+    if not scaler.is_enabled() and not torch.isfinite(norm):
+        raise Diverged(f"the gradient norm is {norm.item()} at iteration {iter_num + 1}; checkpoints left as "
+                       "they were")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

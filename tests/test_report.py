@@ -16,7 +16,7 @@ from conftest import KILLER, ROOT, last_wins, save_random_hf_gpt2
 from harness.checkpoints import load_checkpoint
 from harness.flags import parse_flags
 from harness.run import read_metrics
-from tools import report
+from tools import prompting, report
 
 TINY = "batch_size=8 gradient_accumulation_steps=2 eval_interval=1"
 
@@ -233,13 +233,14 @@ def test_a_run_is_reused_only_with_the_settings_asked_for(hf_gpt2_dir, small_dat
     save_random_hf_gpt2(other, seed=1)
     cmd = [sys.executable, "-m", "tools.report", f"results_dir={results}", f"init_from={other}",
            f"dataset={small_data_dir}", "device=cpu", "max_iters=2", f"extra={TINY}", "runs=r16_a64",
-           "zero_shot=false", "shots="]
+           "shots=0", "shot_seeds=1"]
     refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2
     assert refused.stderr == (f"report.py: error: {run_dir} holds a run with other settings "
                               f"(init_from={str(hf_gpt2_dir)!r} there, {str(other)!r} asked for now); "
                               "replace it with overwrite=true, or choose another results_dir\n")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    assert os.listdir(results) == ["r16_a64"]  # refused before its first command (zero-shot, prompting)
     out = run_report(results, other, small_data_dir, "runs=r16_a64", "zero_shot=false", "overwrite=true")
     assert "done already" not in out
     assert load_checkpoint(run_dir / "ckpt_last.pt")["config"]["init_from"] == str(other)
@@ -294,6 +295,28 @@ def test_shots_that_cannot_run_stop_report_before_its_first_command(hf_gpt2_dir,
                             text=True, timeout=120)
     assert (result.returncode, result.stderr) == (2, f"report.py: error: {message}\n")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_damaged_prompting_evaluation_is_redone_not_read(tmp_path):
+    config, _ = parse_flags("report.py", report.FLAGS, [f"results_dir={tmp_path}", "shots=2", "shot_seeds=1"])
+    path = tmp_path / "prompting" / prompting.directory(2, 0) / "last_evaluation.json"
+    path.parent.mkdir(parents=True)
+    settings = dict(init_from=config.init_from, dataset=config.dataset, num_examples=0, shots=2, shot_seed=0,
+                    calibrate=True)
+    row = dict(checkpoint=f"2-shot {config.init_from}", iter_num=None, method="logprob", parse=None,
+               seconds=0.1, accuracy=0.75, positive=2, negative=2, correct=3, unparseable=0, total=4,
+               settings=settings)
+    evaluation = dict(run_id=None, split="test", complete=False, results=[row, dict(row, parse="calibrated")],
+                      predictions=[{}, {}])
+    path.write_text(json.dumps(evaluation))
+    assert prompting.is_done(config, 2, 0) and "| 2-shot | 0.7500 | 1 of 1 |" in prompting.table(config)
+    for damage in (lambda r: r.pop("settings"), lambda r: r.update(settings=None),
+                   lambda r: r.pop("accuracy"), lambda r: r.update(accuracy="x")):
+        damaged = json.loads(json.dumps(evaluation))
+        damage(damaged["results"][0])
+        path.write_text(json.dumps(damaged))
+        assert not prompting.is_done(config, 2, 0)  # evaluated again, as if missing
+        assert "| 2-shot | not run yet | 0 of 1 |" in prompting.table(config)
 
 
 def test_the_methods_grid_tables_what_each_method_trains(hf_gpt2_dir, small_data_dir, tmp_path):

@@ -187,10 +187,14 @@ def test_nan_loss_stops_without_touching_checkpoints(finished_run, hf_gpt2_dir, 
         assert after[name] == before[name]
 
 
-def test_a_gradient_norm_that_is_not_finite_stops_the_run(hf_gpt2_dir, small_data_dir, tmp_path, capsys):
-    out = tmp_path / "o"  # alpha / rank = 1.25e37: finite gradients whose norm is not (clipping would zero them)
+@pytest.mark.parametrize("grad_clip", ["1.0", "0"])
+def test_a_gradient_norm_that_is_not_finite_stops_the_run(hf_gpt2_dir, small_data_dir, tmp_path, capsys,
+                                                          grad_clip):
+    # alpha / rank = 1.25e37: finite gradients whose norm is not; clipping, or AdamW's squares, would zero
+    # every update
+    out = tmp_path / "o"
     with pytest.raises(SystemExit) as e:
-        run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "alpha=1e38")
+        run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "alpha=1e38", f"grad_clip={grad_clip}")
     assert e.value.code == 1
     assert capsys.readouterr().err.strip().endswith(
         "train.py: error: the gradient norm is inf at iteration 1; checkpoints left as they were")

@@ -511,10 +511,19 @@ def test_a_run_killed_at_iteration_0_and_evaluated_restarts(hf_gpt2_dir, small_d
     assert load_checkpoint(out / "ckpt_last.pt")["iter_num"] == 4 and not (out / "results.json").exists()
 
 
+def edited_rows(path, edit):
+    evaluation = json.loads(path.read_text())
+    for row in evaluation["results"]:
+        edit(row)
+    path.write_text(json.dumps(evaluation))
+
+
 @pytest.mark.parametrize("damage", [
     lambda out: (out / "results.json").write_text("[1]"),
     lambda out: (out / "results.json").write_text(
         '{"run_id": "x", "results": [{"checkpoint": "Best Val Checkpoint"}]}'),
+    lambda out: edited_rows(out / "results.json", lambda row: row.pop("iter_num")),
+    lambda out: edited_rows(out / "results.json", lambda row: row.update(settings=None)),
     lambda out: (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text()
                                                    + '{"iter": 1, "elapsed": "x"}\n'),
     lambda out: (out / "metrics.jsonl").write_bytes((out / "metrics.jsonl").read_bytes() + b"\xff\n"),

@@ -163,12 +163,21 @@ def train_argv(config, run):
 
 
 def check_grid(config, names):
-    """What the flags tell before the first command: the device, results_dir, init_from, every run's rank
-    and the most demonstrations fit, so that a grid never stops on them halfway."""
+    """What the flags tell before the first command: the device, results_dir, runs made there with other
+    settings, init_from, every run's rank and the most demonstrations fit, so that a grid never stops on
+    them halfway."""
     flags = {run: parse_flags("report.py", train.FLAGS, train_argv(config, run))[0] for run in names}
     ranks = {run: f.lora_rank if f.method == "lora" else 0 for run, f in flags.items()}
     device_and_dtype(config.device, "auto")
     check_out_dir(config.results_dir, "results_dir")
+    for run in names if not config.overwrite else ():
+        out_dir = os.path.join(config.results_dir, run)
+        state = run_state(out_dir)
+        difference = state and first_difference(state["config"], train_argv(config, run))
+        if difference:
+            raise UsageError(f"{out_dir} holds a run with other settings ({difference[0]}={difference[1]!r} "
+                             f"there, {difference[2]!r} asked for now); replace it with overwrite=true, or "
+                             "choose another results_dir")
     if config.init_from == "scratch" and prompting.shot_counts(config):
         raise UsageError("shots= prompts a pretrained model, which init_from=scratch is not: give shots=")
     lora = next((run for run, rank in ranks.items() if rank and config.init_from == "scratch"), None)
@@ -201,12 +210,7 @@ def run_grid(config, names):
         out_dir = os.path.join(config.results_dir, run)
         argv = train_argv(config, run)
         state = run_state(out_dir)
-        difference = first_difference(state["config"], argv) if state else None
-        if difference and not config.overwrite:
-            fail("report.py", f"{out_dir} holds a run with other settings ({difference[0]}={difference[1]!r} "
-                              f"there, {difference[2]!r} asked for now); replace it with overwrite=true, or "
-                              "choose another results_dir")
-        if difference:
+        if state and first_difference(state["config"], argv):  # overwrite=true (check_grid refuses without)
             argv = [f for f in argv if not f.startswith("resume=")] + ["overwrite=true"]
         elif state and is_finished(out_dir, state):
             print(f"{run}: done already ({out_dir})")
