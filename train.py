@@ -26,7 +26,7 @@ from dataloader import (IGNORE_INDEX, PROMPT_TEMPLATES, CustomDataLoader, DataEr
 from harness.checkpoints import check_source, load_model, loading_weights
 from harness.device import autocast, device_and_dtype
 from harness.flags import Diverged, UsageError, defaults, parse_flags, reported_errors
-from harness.run import open_run, rng_state
+from harness.run import MACHINE, open_run, rng_state
 from finetune import METHOD_SETTINGS, apply_method, other_methods_settings
 from model import GPT, GPTConfig, count_parameters
 from prefix import init_prefixes
@@ -170,6 +170,14 @@ def model_named(config):
     if config.prefix_length:
         return f"init_from={config.init_from} beside prefix_length={config.prefix_length} (lower it)"
     return f"init_from={config.init_from}" + (" (raise block_size)" if config.init_from == "scratch" else "")
+
+
+def unused_flags(config, explicit, saved):
+    """The flags given to a finished run that differ from its own, which change nothing now, said so."""
+    unused = [k for k in sorted(explicit - set(MACHINE) - {"resume", "init_from", "eval_test"})
+              if getattr(config, k) != saved.get(k)]
+    return (f"; {', '.join(f'{k}={getattr(config, k)!r}' for k in unused)} changed nothing (a larger "
+            "max_iters continues the run; another out_dir starts a new one)") if unused else ""
 
 
 def make_optimizer(model, config, device):
@@ -424,7 +432,8 @@ def main(argv):
                       f"{total:,} ({100 * trainable / total:.2f}%); {loader.truncated} reviews truncated to "
                       "fit")
             if run.master and run.resume and run.resume["iter_num"] == config.max_iters:
-                print(f"{run.path} holds this run finished at iteration {config.max_iters}: nothing to train")
+                print(f"{run.path} holds this run finished at iteration {config.max_iters}: nothing to train"
+                      + unused_flags(config, explicit, run.resume["config"]))
             elif run.master and run.resume:
                 print(f"resuming {run.path} at iteration {run.resume['iter_num']} of {config.max_iters}")
             with process_group(device, world):

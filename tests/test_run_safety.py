@@ -402,8 +402,12 @@ def test_a_finished_run_is_left_alone_and_never_resumed_backwards(evaluated_run,
                run_train, *tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "overwrite=true")
     run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "eval_test=true")  # the same command again
     printed = capsys.readouterr().out
-    assert (f"{out} holds this run finished at iteration 4: nothing to train" in printed
+    assert (f"{out} holds this run finished at iteration 4: nothing to train\n" in printed
             and "Accuracy" not in printed)
+    run_train(*tiny_run_flags(hf_gpt2_dir, small_data_dir, out), "lr=5e-3", "grad_clip=0.5")
+    assert (f"{out} holds this run finished at iteration 4: nothing to train; grad_clip=0.5, "
+            "learning_rate=0.005 changed nothing (a larger max_iters continues the run; another out_dir starts "
+            "a new one)\n" in capsys.readouterr().out)
     assert {name: data for name, data in files(out).items() if name != ".lock"} == before
 
 
