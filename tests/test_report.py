@@ -113,11 +113,10 @@ def test_report_runs_skips_and_resumes(hf_gpt2_dir, small_data_dir, tmp_path):
     ("--lora-rank 8", "extra='--lora-rank 8': lora_rank: report.py or the grid's runs set these "
                       "(results_dir=, runs=, init_from=, dataset=, device=, max_iters=)"),
 ])
-def test_bad_extra_flags_are_one_line(tmp_path, extra, message):
-    result = subprocess.run([sys.executable, "-m", "tools.report", f"results_dir={tmp_path}",
-                             "zero_shot=false", f"extra={extra}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert (result.returncode, result.stderr) == (2, f"report.py: error: {message}\n")
+def test_bad_extra_flags_are_one_line(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        report.main([f"results_dir={tmp_path}", "zero_shot=false", f"extra={extra}"])
+    assert (e.value.code, capsys.readouterr().err) == (2, f"report.py: error: {message}\n")
     assert os.listdir(tmp_path) == []
 
 
@@ -134,14 +133,15 @@ def test_extra_takes_train_py_flags_in_every_form(tmp_path):
     (["runs=r16_a64,r128_a512"], "runs=r128_a512: lora_rank=128 is more than the 64-wide layers of {hf}; choose "
                                  "other runs or another init_from"),
 ])
-def test_what_the_flags_tell_stops_report_before_its_first_command(hf_gpt2_dir, small_data_dir, tmp_path, flags,
-                                                                   message):
+def test_what_the_flags_tell_stops_report_before_its_first_command(hf_gpt2_dir, small_data_dir, tmp_path, capsys,
+                                                                   flags, message):
     (tmp_path / "file").write_text("")
-    cmd = [sys.executable, "-m", "tools.report", f"results_dir={tmp_path / 'results'}", f"init_from={hf_gpt2_dir}",
-           f"dataset={small_data_dir}", "device=cpu", "shots="]
-    result = subprocess.run(last_wins(*cmd, *(f.format(tmp=tmp_path) for f in flags)), cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert (result.returncode, result.stderr) == (2, f"report.py: error: {message.format(tmp=tmp_path, hf=hf_gpt2_dir)}\n")
+    argv = [f"results_dir={tmp_path / 'results'}", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}",
+            "device=cpu", "shots="]
+    with pytest.raises(SystemExit) as e:
+        report.main(last_wins(*argv, *(f.format(tmp=tmp_path) for f in flags)))
+    assert (e.value.code, capsys.readouterr().err) == (
+        2, f"report.py: error: {message.format(tmp=tmp_path, hf=hf_gpt2_dir)}\n")
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
@@ -279,7 +279,7 @@ def test_submission_zip_holds_every_file_the_scripts_need_and_no_key(tmp_path):
 
 @pytest.mark.parametrize("shots", ["0,8", "4,x"])
 def test_shots_that_cannot_run_stop_report_before_its_first_command(hf_gpt2_dir, small_data_dir, tmp_path,
-                                                                    shots):
+                                                                    capsys, shots):
     from dataloader import check_demonstrations_fit, draw_demonstrations, load_rotten_tomatoes
     splits = load_rotten_tomatoes(str(small_data_dir))
     message = f"shots={shots!r}: expected whole numbers >= 0, comma-separated"
@@ -289,11 +289,10 @@ def test_shots_that_cannot_run_stop_report_before_its_first_command(hf_gpt2_dir,
                 demonstrations = [splits["train"][i] for i in draw_demonstrations(splits, 8, seed)]
                 check_demonstrations_fit(demonstrations, splits["test"], "default", 256, 0)
         message = str(e.value)
-    result = subprocess.run([sys.executable, "-m", "tools.report", f"results_dir={tmp_path / 'results'}",
-                             f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}", "device=cpu",
-                             "runs=r16_a64", f"shots={shots}", "shot_seeds=2"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert (result.returncode, result.stderr) == (2, f"report.py: error: {message}\n")
+    with pytest.raises(SystemExit) as e:
+        report.main([f"results_dir={tmp_path / 'results'}", f"init_from={hf_gpt2_dir}", f"dataset={small_data_dir}",
+                     "device=cpu", "runs=r16_a64", f"shots={shots}", "shot_seeds=2"])
+    assert (e.value.code, capsys.readouterr().err) == (2, f"report.py: error: {message}\n")
     assert os.listdir(tmp_path) == []
 
 
