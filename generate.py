@@ -123,8 +123,9 @@ def label_logits(model, prompts, config, ctx):
 
 @torch.no_grad()
 def predict_labels(model, records, method, config, ctx, prefix=""):
-    """Each record with continuation and prediction (1, 0 or -1), its prompt after prefix (demonstrations):
-    method generate reads the label off the generated answer; logprob takes the likelier label word."""
+    """Each record with its continuation and prediction (1 positive, 0 negative, -1 unparseable), each
+    prompt after prefix (the demonstrations): method generate reads the label off the generated answer;
+    logprob takes the likelier label word (never -1)."""
     model.eval()  # merges LoRA into the weights
     generated = config.max_new_tokens if method == "generate" else 0
     check_prompt_room(config.prompt_template, model.context_length, generated)
@@ -140,14 +141,15 @@ def predict_labels(model, records, method, config, ctx, prefix=""):
 def with_log_odds(records, log_odds):
     """Each record with its log-odds of ' positive' over ' negative', p_positive, and the likelier label."""
     return [dict(text=r["text"], label=r["label"], continuation=LABEL_WORDS[int(d > 0)],
-                 prediction=int(d > 0), p_positive=0.5 * (1 + math.tanh(d / 2)), log_odds=d)
+                 prediction=int(d > 0), p_positive=0.5 * (1 + math.tanh(d / 2)), log_odds=d)  # sigmoid(d)
             for r, d in zip(records, log_odds)]
 
 
 def content_free_p_positive(model, config, ctx, prefix=""):
     """The mean p(positive) the model gives content-free reviews in the same prompt (Zhao et al. 2021)."""
     records = [dict(text=text, label=None) for text in CONTENT_FREE]
-    return sum(p["p_positive"] for p in predict_labels(model, records, "logprob", config, ctx, prefix)) / 3
+    scored = predict_labels(model, records, "logprob", config, ctx, prefix)
+    return sum(r["p_positive"] for r in scored) / len(scored)
 
 
 def calibrated(predictions, p_content_free):
@@ -156,7 +158,7 @@ def calibrated(predictions, p_content_free):
     log-odds, the content-free log-odds subtracted."""
     p = min(max(p_content_free, 1e-12), 1 - 1e-12)  # a saturated one would shift by infinity
     shift = math.log(p / (1 - p))
-    return with_log_odds(predictions, [p["log_odds"] - shift for p in predictions])
+    return with_log_odds(predictions, [r["log_odds"] - shift for r in predictions])
 
 
 def summarize(predictions):

@@ -1,8 +1,9 @@
 """Low-rank adaptation (Hu et al., 2021) of a linear layer.
 
-y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W and b frozen and only A (r x in) and
-B (out x r) trained. B starts at zero, so a fresh LoRA layer computes exactly its base layer.
-eval() merges the update into W (one matmul, as without LoRA); train() restores W exactly.
+y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, where fine-tuning trains only A (r x in) and
+B (out x r) (mark_only_lora_as_trainable freezes W and b). B starts at zero, so a fresh LoRA layer
+computes exactly its base layer. eval() merges the update into W (one matmul, as without LoRA);
+train() puts back the W it merged into.
 """
 import math
 
@@ -23,6 +24,7 @@ class LoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.has_weights_merged = False
         if lora_rank > 0:
+            # A and B are made frozen; mark_only_lora_as_trainable (or another method) decides what trains
             self.lora_dropout = nn.Dropout(lora_dropout)
             self.lora_scaling = lora_alpha / lora_rank
             self.lora_A = nn.Parameter(
@@ -60,7 +62,7 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def _demerge(self):
         unmerged = self.__dict__.pop("_unmerged_weight", None)
-        if unmerged is None:  # merged by other code than _merge: subtract the update instead
+        if unmerged is None:  # has_weights_merged set without _merge's copy: subtract the update
             unmerged = self.weight.float() - self._update()
         self.weight.copy_(unmerged)
         self.has_weights_merged = False

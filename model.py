@@ -25,7 +25,7 @@ class GPTConfig:
     lora_rank: int = 0
     lora_alpha: float = 0.0
     lora_dropout: float = 0.0
-    method: str = "lora"  # what trains: lora (every weight at lora_rank 0), bitfit, adapter or prefix
+    method: str = "lora"  # what trains: lora (lora_rank 0: full fine-tuning), bitfit, adapter or prefix
     adapter_size: int = 0  # bottleneck adapters of this size after each sublayer (0: none)
     prefix_length: int = 0  # trained keys and values before every layer's sequence (0: none)
 
@@ -175,7 +175,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, key_mask=None, kv_cache=None):
         """The last layer's output (B, T, n_embd) for tokens idx (B, T) after the past in kv_cache. key_mask
-        (B, past + T) is False at left padding: positions count real tokens, nothing attends to padding."""
+        (B, past + T) is False at left padding: positions count real tokens (and prefix tuning's vectors),
+        nothing attends to padding."""
         B, T = idx.size()
         past = len(kv_cache) if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -248,7 +249,7 @@ class GPT(nn.Module):
         the key_mask (False at padding) and kv_cache to go on from."""
         kv_cache = start.fork() if start is not None else self.new_cache()
         past = len(kv_cache)  # the prefixes (prefix tuning) and the shared start
-        rows = [p[past - self.config.prefix_length:] for p in prompts]
+        rows = [p[past - self.config.prefix_length:] for p in prompts]  # each without its cached start
         T = max(map(len, rows))
         idx = torch.zeros(len(rows), T, dtype=torch.long)
         key_mask = torch.ones(len(rows), past + T, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""Fine-tune GPT-2 on Rotten Tomatoes reviews: LoRA on q, k, v (lora_rank > 0) or full fine-tuning.
+"""Fine-tune GPT-2 on Rotten Tomatoes reviews: LoRA on q, k, v, full fine-tuning, or another method.
 
     python train.py                                        # gpt2-medium, LoRA r=128, alpha=512
     python train.py rank=16 alpha=64 out_dir=runs/r16_a64  # one row of the handout's table
@@ -41,7 +41,8 @@ FLAGS = {  # name: (default, help[, allowed values])
                                  "weight of a small random model (n_layer, n_head, n_embd, block_size)"),
     "dataset": ("rotten_tomatoes", "hub dataset name, or a local directory with train/validation/test.jsonl"),
     "prompt_template": ("default", "instruction template", tuple(PROMPT_TEMPLATES)),
-    "mask_prompt": (True, "loss on the answer tokens only; false: on the whole sequence"),
+    "mask_prompt": (True, "loss on the answer only (the label word and <|endoftext|>); false: on the whole "
+                          "sequence"),
     "share_prefix": (True, "compute the start every review of a batch shares (the instruction) once per "
                            "batch, whose rows then share its dropout masks; false: once per review"),
     "method": ("lora", "what trains: lora (LoRA on q, k, v; lora_rank=0 trains every weight), bitfit (the "
@@ -229,7 +230,7 @@ def forward_backward(model, loader, scaler, iter_num, config, ctx):
     device = next(model.parameters()).device
     step_reviews = config.batch_size * config.gradient_accumulation_steps
     examples = loader.train_examples(iter_num * step_reviews, step_reviews)
-    targets = sum(len(ids) - (n_prompt if config.mask_prompt else 1) for ids, n_prompt in examples)
+    n_targets = sum(len(ids) - (n_prompt if config.mask_prompt else 1) for ids, n_prompt in examples)
     share = step_reviews // world
     # micro-batches of similar length pad less; the step's reviews, and so its update, stay the same
     micro = by_length(examples[rank * share:(rank + 1) * share], config.batch_size, lambda e: len(e[0]))
@@ -239,7 +240,7 @@ def forward_backward(model, loader, scaler, iter_num, config, ctx):
         tokens += x.numel()
         with ctx:
             _, loss = model(x.to(device), y.to(device), "sum", shared if config.share_prefix else 0)
-        loss = loss / targets  # per target token of the whole step
+        loss = loss / n_targets  # per target token of the whole step
         scaler.scale(loss).backward()
         step_loss += loss.detach()
     if world > 1:  # the step's loss and gradients: sums over every process's reviews
@@ -305,8 +306,8 @@ def train(model, loader, run, device, dtype):
 
             # one optimizer step over batch_size x gradient_accumulation_steps reviews
             t0 = time.time()
-            between = iter_num % config.eval_interval  # an evaluation saves ckpt_last.pt anyway
-            ckpt_due = config.ckpt_interval and iter_num % config.ckpt_interval == 0 and between
+            off_evaluation = iter_num % config.eval_interval != 0  # an evaluation saves ckpt_last.pt anyway
+            ckpt_due = config.ckpt_interval and iter_num % config.ckpt_interval == 0 and off_evaluation
             rng = rng_state(device) if ckpt_due else None  # before this step's dropout draws
             train_loss, tokens = forward_backward(step_model, loader, scaler, iter_num, config, ctx)
             if not math.isfinite(train_loss):
