@@ -227,7 +227,7 @@ class CustomDataLoader:
         return [self.examples["train"][epochs[i // n][i % n]] for i in range(start, start + count)]
 
     def collate(self, examples):
-        """(x, y, shared): right-padded inputs, shifted targets (IGNORE_INDEX at padding, and at the
+        """(x, y, n_shared): right-padded inputs, shifted targets (IGNORE_INDEX at padding, and at the
         prompt with mask_prompt), and how many tokens every row starts with."""
         T = max(len(ids) for ids, _ in examples) - 1
         x = torch.full((len(examples), T), get_tokenizer().eot_token, dtype=torch.long)
@@ -241,7 +241,7 @@ class CustomDataLoader:
         return x, y, common_start([ids[:-1] for ids, _ in examples])
 
     def batches(self, split, batch_size, max_batches=0):
-        """[(x, y, shared)] over a split, grouped by length to pad little; with max_batches > 0, over
+        """[(x, y, n_shared)] over a split, grouped by length to pad little; with max_batches > 0, over
         max_batches x batch_size of its examples drawn at random (the same ones every time)."""
         examples = sample(self.examples[split], max_batches * batch_size)
         return [self.collate(batch) for batch in by_length(examples, batch_size, lambda e: len(e[0]))]

@@ -38,7 +38,8 @@ class KVCache:
         self.layers, self.shared = [None] * n_layer, [None] * n_layer
 
     def __len__(self):
-        return sum(kv[0][0].size(2) for kv in (self.shared, self.layers) if kv[0] is not None)
+        """Tokens cached, the shared start's and the rows' own: layer 0's keys count them."""
+        return sum(layers[0][0].size(2) for layers in (self.shared, self.layers) if layers[0] is not None)
 
     def share(self):
         """What has been computed so far (a batch of one) joins the start every row attends to."""
@@ -219,15 +220,15 @@ class GPT(nn.Module):
         kv_cache.share()
         return x
 
-    def forward(self, idx, targets=None, reduction="mean", shared=0):
+    def forward(self, idx, targets=None, reduction="mean", n_shared=0):
         """idx (B, T) token ids. Without targets: (logits (B, T, vocab), None). With targets (B, T),
         -100 where there is none: (None, cross-entropy over the target positions), the vocabulary
-        projection (the largest matmul) computed only there. The first `shared` tokens, the same in
+        projection (the largest matmul) computed only there. The first n_shared tokens, the same in
         every row (the loader counts them), are computed once."""
         kv_cache = self.new_cache()
-        start = self._shared_start(idx[:1, :shared], kv_cache) if shared else None
-        x = self.hidden_states(idx[:, shared:], kv_cache=kv_cache)
-        if shared:
+        start = self._shared_start(idx[:1, :n_shared], kv_cache) if n_shared else None
+        x = self.hidden_states(idx[:, n_shared:], kv_cache=kv_cache)
+        if n_shared:
             x = torch.cat([start.expand(len(idx), -1, -1), x], dim=1)
         if targets is None:
             return self.lm_head(x), None

@@ -214,10 +214,10 @@ def validation_loss(model, loader, config, ctx, progress=True):
     device = next(model.parameters()).device
     total, count = torch.zeros((), device=device), 0
     batches = loader.batches("validation", config.eval_batch_size, config.eval_iters)
-    for x, y, shared in tqdm(batches, desc="validation", unit="batch", leave=False, disable=not progress,
+    for x, y, n_shared in tqdm(batches, desc="validation", unit="batch", leave=False, disable=not progress,
                              file=sys.stderr):
         with ctx:
-            _, loss = model(x.to(device), y.to(device), "sum", shared if config.share_prefix else 0)
+            _, loss = model(x.to(device), y.to(device), "sum", n_shared if config.share_prefix else 0)
         total += loss.float()
         count += int((y != IGNORE_INDEX).sum())
     model.train()
@@ -236,10 +236,10 @@ def forward_backward(model, loader, scaler, iter_num, config, ctx):
     micro = by_length(examples[rank * share:(rank + 1) * share], config.batch_size, lambda e: len(e[0]))
     step_loss, tokens = torch.zeros((), device=device), 0
     for batch in micro:
-        x, y, shared = loader.collate(batch)
+        x, y, n_shared = loader.collate(batch)
         tokens += x.numel()
         with ctx:
-            _, loss = model(x.to(device), y.to(device), "sum", shared if config.share_prefix else 0)
+            _, loss = model(x.to(device), y.to(device), "sum", n_shared if config.share_prefix else 0)
         loss = loss / n_targets  # per target token of the whole step
         scaler.scale(loss).backward()
         step_loss += loss.detach()

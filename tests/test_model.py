@@ -97,8 +97,8 @@ def test_eval_forward_computes_the_common_start_once_with_the_same_loss(hf_gpt2_
     shared = common_start(rows)
     assert shared == 19
     with torch.no_grad():
-        logits, _ = model(idx, shared=shared)
-        none, loss = model(idx, targets, reduction="sum", shared=shared)
+        logits, _ = model(idx, n_shared=shared)
+        none, loss = model(idx, targets, reduction="sum", n_shared=shared)
         reference, _ = model(idx)
         _, unshared_loss = model(idx, targets, reduction="sum")
     assert shared_starts == [19, 19]  # computed once per batch, with and without targets
@@ -144,7 +144,7 @@ def training_model_and_batch(hf_gpt2_dir, rows, rank):
 def loss_and_gradients(model, idx, targets, shared, dtype="float32"):
     model.zero_grad(set_to_none=True)
     with autocast("cpu", dtype):
-        _, loss = model(idx, targets, reduction="sum", shared=shared)
+        _, loss = model(idx, targets, reduction="sum", n_shared=shared)
     loss.backward()
     return loss.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 

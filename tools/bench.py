@@ -101,10 +101,10 @@ def time_training(model, batches, hf, device, dtype, warmup=3, share_prefix=True
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
     model.train()
     losses = []
-    def step(x, y, shared):
+    def step(x, y, n_shared):
         with autocast(device, dtype):
             loss = (model(**hf_inputs(x, y)).loss if hf
-                    else model(x, y, shared=shared if share_prefix else 0)[1])
+                    else model(x, y, n_shared=n_shared if share_prefix else 0)[1])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -127,7 +127,7 @@ def bench_training(shape, loader, config, device, dtype, name):
     rows = []
     n, warmup = config.batch_size, config.warmup
     examples = loader.train_examples(0, n * (config.steps + warmup))
-    batches = [(x.to(device), y.to(device), shared) for x, y, shared in (
+    batches = [(x.to(device), y.to(device), n_shared) for x, y, n_shared in (
         loader.collate(sorted(examples[i:i + n], key=lambda e: len(e[0])))
         for i in range(0, len(examples), n))]
     tokens = sum(len(ids) - 1 for ids, _ in examples[warmup * n:])
@@ -222,9 +222,9 @@ def bench_activation_memory(shape, loader, device, dtype):
                     if storage.data_ptr() not in weights:
                         storages[storage.data_ptr()] = storage.nbytes()
                     return t
-                x, y, shared = loader.collate(longest[-n:])
+                x, y, n_shared = loader.collate(longest[-n:])
                 with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(device, dtype):
-                    model(x.to(device), y.to(device), shared=shared if share else 0)
+                    model(x.to(device), y.to(device), n_shared=n_shared if share else 0)
                 saved.append(sum(storages.values()))
             per_review = (saved[1] - saved[0]) / 2
             rows.append(dict(what=f"saved for backward, {label}", who=who,
