@@ -298,7 +298,7 @@ def test_shots_that_cannot_run_stop_report_before_its_first_command(hf_gpt2_dir,
 
 def test_a_damaged_prompting_evaluation_is_redone_not_read(tmp_path):
     config, _ = parse_flags("report.py", report.FLAGS, [f"results_dir={tmp_path}", "shots=2", "shot_seeds=1"])
-    path = tmp_path / "prompting" / prompting.directory(2, 0) / "last_evaluation.json"
+    path = tmp_path / "prompting" / "k2_seed0" / "last_evaluation.json"
     path.parent.mkdir(parents=True)
     settings = dict(init_from=config.init_from, dataset=config.dataset, num_examples=0, shots=2, shot_seed=0,
                     calibrate=True)

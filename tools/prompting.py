@@ -21,39 +21,41 @@ def shot_counts(config):
 
 def check_fit(config, context):
     """Refuse, before the first command, demonstrations that leave no room for a test review."""
-    if shot_counts(config):
+    counts = shot_counts(config)
+    if counts:
         splits = load_rotten_tomatoes(config.dataset)
         for seed in range(config.shot_seeds):  # the most shots, with each seed's demonstrations
-            ids = draw_demonstrations(splits, max(shot_counts(config)), seed)
+            ids = draw_demonstrations(splits, max(counts), seed)
             check_demonstrations_fit([splits["train"][i] for i in ids], splits["test"], "default", context, 0)
 
 
+def seeds(config, shots):
+    """The demonstration sets drawn for a number of shots: shot_seeds of them, one for none."""
+    return range(config.shot_seeds if shots else 1)
+
+
 def cases(config):
-    """(shots, seed) of each evaluation: every seed of each number of shots (one for none, which has no
-    demonstrations to draw)."""
-    return [(shots, seed) for shots in shot_counts(config)
-            for seed in range(config.shot_seeds if shots else 1)]
+    """(shots, seed) of each evaluation."""
+    return [(shots, seed) for shots in shot_counts(config) for seed in seeds(config, shots)]
 
 
-def directory(shots, seed):
-    return f"k{shots}_seed{seed}"
+def directory(config, shots, seed):
+    return os.path.join(config.results_dir, "prompting", f"k{shots}_seed{seed}")
 
 
 def argv(config, shots, seed):
     """generate.py's flags for one evaluation."""
-    out_dir = os.path.join(config.results_dir, "prompting", directory(shots, seed))
-    return [f"out_dir={out_dir}", f"init_from={config.init_from}", f"dataset={config.dataset}",
-            f"device={config.device}", "method=logprob", f"shots={shots}", f"shot_seed={seed}",
-            "calibrate=true"]
+    return [f"out_dir={directory(config, shots, seed)}", f"init_from={config.init_from}",
+            f"dataset={config.dataset}", f"device={config.device}", "method=logprob", f"shots={shots}",
+            f"shot_seed={seed}", "calibrate=true"]
 
 
 def row(config, shots, seed, calibrate):
     """The logprob test accuracy of init_from with these demonstrations (calibrated or not), if measured."""
-    out_dir = os.path.join(config.results_dir, "prompting", directory(shots, seed))
     wanted = dict(init_from=config.init_from, dataset=config.dataset, num_examples=0, shots=shots,
                   shot_seed=seed if shots else 0, calibrate=True)
-    results = read_results(os.path.join(out_dir, "last_evaluation.json"))
-    for found in results["results"] if results and results.get("split") == "test" else []:
+    results = read_results(os.path.join(directory(config, shots, seed), "last_evaluation.json"))
+    for found in results["results"] if results and results["split"] == "test" else []:
         if ((found["method"], found["parse"]) == ("logprob", "calibrated" if calibrate else None)
                 and all(found["settings"].get(k) == v for k, v in wanted.items())):
             return found
@@ -73,7 +75,7 @@ def table(config):
              "answers.", "", "| method | test accuracy | evaluations |", "|---|---|---|"]
     for shots in shot_counts(config):
         for calibrate in (False, True):
-            rows = [row(config, shots, seed, calibrate) for seed in range(config.shot_seeds if shots else 1)]
+            rows = [row(config, shots, seed, calibrate) for seed in seeds(config, shots)]
             name = (f"{shots}-shot" if shots else "zero-shot") + (", calibrated" if calibrate else "")
             accuracies = [r["accuracy"] for r in rows if r]
             spread = f" ± {statistics.stdev(accuracies):.4f}" if len(accuracies) > 1 else ""

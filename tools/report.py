@@ -218,7 +218,7 @@ def run_grid(config, names):
         run_command([sys.executable, os.path.join(HERE, "train.py"), *argv])
     for shots, seed in prompting.cases(config):
         if prompting.is_done(config, shots, seed):
-            print(f"prompting {prompting.directory(shots, seed)}: done already")
+            print(f"prompting {os.path.basename(prompting.directory(config, shots, seed))}: done already")
         else:
             run_command([sys.executable, os.path.join(HERE, "generate.py"),
                          *prompting.argv(config, shots, seed)])
